@@ -1,0 +1,504 @@
+"""The public Python API: plan and average checkpoints; the CLI is a thin layer over it.
+
+    >>> from ckpt_avg import average_checkpoints
+    >>> report = average_checkpoints(["ckpts/"], "avg.pt", start=20)  # doctest: +SKIP
+    >>> report.selected[0].path  # doctest: +SKIP
+    'ckpts/epoch=20-step=2100.ckpt'
+
+Data flows one way: discover -> select -> open -> average -> write -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__
+from .average import AverageOptions, Digests, Engine, Unit, Visit, classify, mixing_weights
+from .discover import CheckpointRef, discover
+from .errors import CheckpointError, MismatchError, OutputError, UsageError
+from .lazy import TensorLeaf, leaf_numel, leaf_shape, leaf_tie_key
+from .naming import PYTORCH_SUFFIXES
+from .report import CandidateRecord, FileRecord, Report
+from .select import Candidate, Plan, SelectOptions, make_plan, validate_options
+from .sources import OpenedCheckpoint, content_meta, open_checkpoint
+from .statedict import StateDictChoice, dotted, find_state_dicts, get_path
+from .torchfile import UnsupportedTensor
+from .unpickle import PicklePolicy
+from .write import remove_stale_temps
+from .writers import write_output
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}  # fmt: skip
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every choice a run takes; the CLI's options map onto these one to one."""
+
+    recursive: bool = False
+    glob: str | None = None
+    select: SelectOptions = field(default_factory=SelectOptions)
+    key: str | None = None
+    strip_prefix: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    ema: float | None = None
+    dtype: str | None = None
+    accum_dtype: str = "float64"
+    device: str = "cpu"
+    int_policy: str = "error"
+    allow_nonfinite: bool = False
+    trust_pickle: bool = False
+    allow_global: tuple[str, ...] = ()
+    force: bool = False
+    max_shard_size: str | None = None
+    hash_files: bool = True
+
+
+def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
+    """What a run would average, without reading tensor data or writing anything."""
+    options = options or Options()
+    _validate(options)
+    run = _Run(inputs, options)
+    run.open_selected()
+    return run.report(dry_run=True)
+
+
+def average_checkpoints(
+    inputs: Sequence[str],
+    output: str,
+    options: Options | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+    **choices: Any,
+) -> Report:
+    """Average the selected checkpoints into OUTPUT and return the report.
+
+    Keyword choices are a shortcut for the fields of `Options` and `SelectOptions`:
+    `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
+    """
+    options = _merge(options or Options(), choices)
+    _validate(options, output)
+    started = time.monotonic()
+    run = _Run(inputs, options)
+    _check_output(output, run.plan, options)
+    run.open_selected()
+    layout = run.layout(output)
+    if on_total is not None:
+        on_total(layout.input_bytes)
+    remove_stale_temps(output)
+    written = write_output(output, layout, run.provenance(), options, progress or (lambda _: None))
+    report = run.report(dry_run=False)
+    report.output = output
+    report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
+    report.output_digest = written.output_digest
+    for record, digest in zip(report.selected, written.input_digests, strict=True):
+        object.__setattr__(record, "tensor_digest", digest)
+    report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
+    report.tensors = len(layout.primary_names)
+    report.placeholders = sorted(run.placeholders)
+    report.dropped = written.dropped
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _merge(options: Options, choices: dict[str, Any]) -> Options:
+    select_fields = set(SelectOptions.__dataclass_fields__)
+    select_choices = {k: v for k, v in choices.items() if k in select_fields}
+    other = {k: v for k, v in choices.items() if k not in select_fields}
+    unknown = set(other) - set(Options.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    values = {name: getattr(options, name) for name in Options.__dataclass_fields__}
+    values.update(other)
+    if select_choices:
+        current = options.select
+        values["select"] = SelectOptions(**{**current.__dict__, **select_choices})
+    for name in ("strip_prefix", "allow_global", "weights"):
+        if isinstance(values[name], list):
+            values[name] = tuple(values[name])
+    return Options(**values)
+
+
+def _validate(options: Options, output: str | None = None) -> None:
+    """Usage errors, found before any file is opened."""
+    validate_options(options.select)
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
+    if options.accum_dtype not in ("float64", "float32", "fp64", "fp32", "double", "float"):
+        raise UsageError(f"--accum-dtype must be float64 or float32, not {options.accum_dtype!r}")
+    if options.int_policy not in ("error", "last"):
+        raise UsageError(f"--int-policy must be error or last, not {options.int_policy!r}")
+    if options.ema is not None and not 0 < options.ema < 1:
+        raise UsageError(f"--ema must be between 0 and 1 (exclusive), not {options.ema}")
+    if options.weights is not None and options.ema is not None:
+        raise UsageError("--weights and --ema cannot be used together")
+    if options.weights is not None and (any(w < 0 for w in options.weights) or sum(options.weights) <= 0):
+        raise UsageError("--weights must be non-negative and not sum to zero")
+    check_device(options.device)
+    if output is not None:
+        _validate_output_name(output, options)
+
+
+def check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
+
+
+def _validate_output_name(output: str, options: Options) -> None:
+    from .write import parse_size
+
+    directory_output = output.endswith(("/", os.sep)) or os.path.isdir(output)
+    if options.max_shard_size is not None:
+        try:
+            parse_size(options.max_shard_size)
+        except ValueError as exc:
+            raise UsageError(f"--max-shard-size: {exc}") from None
+        if not directory_output:
+            raise UsageError("--max-shard-size needs a directory OUTPUT (end it with /)")
+    if not directory_output and not output.lower().endswith((*PYTORCH_SUFFIXES, ".safetensors")):
+        raise UsageError(
+            f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .ckpt, .bin or / for a directory"
+        )
+    parent = os.path.dirname(output.rstrip("/")) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"OUTPUT {output!r}: directory {parent!r} does not exist")
+
+
+def _check_output(output: str, plan: Plan, options: Options) -> None:
+    target = output.rstrip("/") or output
+    for candidate in plan.selected:
+        for path in (candidate.ref.display, *candidate.ref.files):
+            if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
+                raise OutputError(f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name")
+            if os.path.realpath(target) == os.path.realpath(path):
+                raise OutputError(f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name")
+    if os.path.lexists(target) and not options.force:
+        raise OutputError(f"{output}: already exists (use --force to overwrite)")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Layout:
+    """What will be averaged and where it goes: units in processing order, and the trees."""
+
+    opened: list[OpenedCheckpoint]
+    choice: StateDictChoice
+    averaged_paths: list[tuple[str, ...]]
+    names: dict[tuple[str, ...], dict[str, Unit]]  # per state-dict path: key -> unit
+    visits: list[Visit]
+    primary_names: list[str]
+    input_bytes: int
+    warnings: list[str]
+    strip_prefix: tuple[str, ...] = ()
+
+    @property
+    def primary_units(self) -> list[Unit]:
+        seen: dict[int, Unit] = {}
+        for unit in self.names[self.choice.primary].values():
+            seen.setdefault(id(unit), unit)
+        return list(seen.values())
+
+
+class _Run:
+    """One invocation's state between the stages."""
+
+    def __init__(self, inputs: Sequence[str], options: Options) -> None:
+        self.options = options
+        self.policy = PicklePolicy(trust=options.trust_pickle, extra_allowed=frozenset(options.allow_global))
+        self.discovery = discover(inputs, recursive=options.recursive, name_glob=options.glob)
+        self._opened: dict[int, OpenedCheckpoint] = {}
+        self.warnings: list[str] = []
+        self.placeholders: set[str] = set()
+        self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
+        self.plan = make_plan(self.candidates, options.select)
+        self.selected_opened: list[OpenedCheckpoint] = []
+        self.choice: StateDictChoice | None = None
+
+    def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
+        if ref.order not in self._opened:
+            self._opened[ref.order] = open_checkpoint(ref, self.policy)
+        return self._opened[ref.order]
+
+    def _candidate(self, ref: CheckpointRef) -> Candidate:
+        info = ref.name
+        metric = self.options.select.metric
+        needs_contents = (
+            (info.epoch is None and info.step is None)
+            or info.is_alias
+            or (metric is not None and metric not in info.metrics)
+            or (self.options.select.by == "step" and info.step is None)
+            or (self.options.select.by == "epoch" and info.epoch is None)
+        )
+        if not needs_contents:
+            return Candidate(ref, info.epoch, info.step, dict(info.metrics))
+        meta = content_meta(self._open(ref))
+        epoch = info.epoch if info.epoch is not None else meta.epoch
+        step = info.step if info.step is not None else meta.step
+        return Candidate(ref, epoch, step, {**meta.metrics, **info.metrics})
+
+    def open_selected(self) -> None:
+        self.selected_opened = [self._open(c.ref) for c in self.plan.selected]
+        for opened in self.selected_opened:
+            self.placeholders |= opened.placeholders
+        last = self.selected_opened[-1]
+        self.choice = find_state_dicts(last.tree, key=self.options.key, where=last.ref.display)
+        if self.choice.warning:
+            self.warnings.append(self.choice.warning)
+        if self.placeholders and not self.options.trust_pickle:
+            self.warnings.append(
+                "objects of classes not on the allowlist were replaced by inert placeholders and are left"
+                f" out of a .pt output: {', '.join(sorted(self.placeholders))} (--allow-global MODULE.NAME keeps one)"
+            )
+        if any(o.legacy for o in self.selected_opened):
+            self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
+
+    def layout(self, output: str) -> Layout:
+        assert self.choice is not None
+        keeps_structure = output.lower().endswith(PYTORCH_SUFFIXES) and not output.endswith("/")
+        paths = [self.choice.primary]
+        if keeps_structure:
+            for other in self.choice.others:
+                if all(_has_state_dict(o.tree, other) for o in self.selected_opened):
+                    paths.append(other)
+                else:
+                    self.warnings.append(
+                        f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
+                    )
+        return _build_layout(self.selected_opened, self.choice, paths, self.options, self.warnings)
+
+    def provenance(self) -> dict[str, Any]:
+        select = self.options.select
+        weights = self._weights()
+        return {
+            "tool": "ckpt-avg",
+            "version": __version__,
+            "by": self.plan.by,
+            "inputs": [
+                {"path": c.ref.display, "epoch": c.epoch, "step": c.step, "weight": w}
+                for c, w in zip(self.plan.selected, weights, strict=True)
+            ],
+            "options": {
+                "start": select.start, "end": select.end, "last": select.last, "best": select.best,
+                "metric": select.metric, "mode": select.mode, "by": select.by, "key": self.options.key,
+                "strip_prefix": list(self.options.strip_prefix), "weights": list(self.options.weights or []) or None,
+                "ema": self.options.ema, "dtype": self.options.dtype, "accum_dtype": self.options.accum_dtype,
+                "int_policy": self.options.int_policy, "allow_nonfinite": self.options.allow_nonfinite,
+            },  # fmt: skip
+        }
+
+    def _weights(self) -> list[float]:
+        count = len(self.plan.selected)
+        mixed = mixing_weights(count, self.options.weights, self.options.ema)
+        return list(mixed) if mixed is not None else [1.0 / count] * count
+
+    def report(self, *, dry_run: bool) -> Report:
+        weights = iter(self._weights())
+        records = []
+        for entry in self.plan.entries:
+            c = entry.candidate
+            opened = self._opened.get(c.ref.order)
+            records.append(
+                CandidateRecord(
+                    path=c.ref.display, epoch=c.epoch, step=c.step, index=entry.index, size=c.ref.size,
+                    selected=entry.selected, reason=entry.reason,
+                    weight=next(weights) if entry.selected else None,
+                    legacy=bool(opened and opened.legacy),
+                )  # fmt: skip
+            )
+        for skipped in self.discovery.skipped:
+            records.append(CandidateRecord(skipped.display, None, None, None, 0, False, skipped.reason))
+        return Report(
+            version=__version__, by=self.plan.by, candidates=records, dry_run=dry_run,
+            state_dict_key=dotted(self.choice.primary) if self.choice else None,
+            other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
+            warnings=list(self.warnings),
+        )  # fmt: skip
+
+
+def _has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:
+    from .statedict import is_state_dict
+
+    try:
+        return is_state_dict(get_path(tree, path))
+    except (KeyError, TypeError, IndexError):
+        return False
+
+
+def _strip(state_dict: dict[str, TensorLeaf], prefixes: tuple[str, ...], where: str) -> dict[str, TensorLeaf]:
+    if not prefixes:
+        return dict(state_dict)
+    stripped: dict[str, TensorLeaf] = {}
+    for key, value in state_dict.items():
+        new = key
+        for prefix in prefixes:
+            if new.startswith(prefix):
+                new = new[len(prefix) :]
+        if new in stripped:
+            raise MismatchError(f"{where}: --strip-prefix makes two keys into {new!r}")
+        stripped[new] = value
+    return stripped
+
+
+def _prefix_hint(a: set[str], b: set[str]) -> str | None:
+    for prefix in KNOWN_PREFIXES:
+        for with_prefix, without in ((a, b), (b, a)):
+            if {k[len(prefix) :] if k.startswith(prefix) else k for k in with_prefix} == without:
+                return prefix
+    return None
+
+
+def _check_keys(dicts: list[dict[str, TensorLeaf]], files: list[str], path: tuple[str, ...]) -> None:
+    reference = set(dicts[-1])
+    for sd, file in zip(dicts, files, strict=True):
+        keys = set(sd)
+        if keys == reference:
+            continue
+        prefix = _prefix_hint(keys, reference)
+        if prefix:
+            raise MismatchError(
+                f"{file}: keys differ from {files[-1]}'s only by the prefix {prefix!r}"
+                f" (DDP/torch.compile/wrapper); add --strip-prefix {prefix}"
+            )
+        missing = sorted(reference - keys)
+        extra = sorted(keys - reference)
+        detail = f"lacks {missing[0]!r}" if missing else f"has extra key {extra[0]!r}"
+        count = len(missing) + len(extra)
+        raise MismatchError(
+            f"{file}: state dict {dotted(path)} {detail} compared with {files[-1]}"
+            + (f" ({count} keys differ)" if count > 1 else "")
+        )
+
+
+def _build_layout(
+    opened: list[OpenedCheckpoint],
+    choice: StateDictChoice,
+    paths: list[tuple[str, ...]],
+    options: Options,
+    warnings: list[str],
+) -> Layout:
+    files = [o.ref.display for o in opened]
+    out_dtype = DTYPES[options.dtype] if options.dtype else None
+    units_by_tie: dict[tuple[object, ...], Unit] = {}
+    names: dict[tuple[str, ...], dict[str, Unit]] = {}
+    visits: list[Visit] = []
+    computed: set[int] = set()
+    for path in paths:
+        dicts = [_strip(get_path(o.tree, path), options.strip_prefix, o.ref.display) for o in opened]
+        _check_keys(dicts, files, path)
+        names[path] = {}
+        for name in sorted(dicts[-1]):
+            leaves = tuple(sd[name] for sd in dicts)
+            unit = _unit_for(name, leaves, files, out_dtype, units_by_tie)
+            names[path][name] = unit
+            first = id(unit) not in computed
+            computed.add(id(unit))
+            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary))
+    _check_zero3(names[choice.primary], files[-1])
+    input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)
+    return Layout(
+        opened, choice, paths, names, visits, sorted(names[choice.primary]), input_bytes, warnings,
+        options.strip_prefix,
+    )  # fmt: skip
+
+
+def _input_bytes(unit: Unit) -> int:
+    return sum(leaf_numel(leaf) * leaf.element_size() if isinstance(leaf, torch.Tensor) else leaf.nbytes for leaf in unit.leaves)
+
+
+def _check_zero3(units: dict[str, Unit], file: str) -> None:
+    floats = [u for u in units.values() if u.kind == "float"]
+    if floats and sum(1 for u in floats if u.numel == 0) * 2 > len(floats):
+        raise CheckpointError(
+            f"{file}: most weights are empty placeholder tensors (a DeepSpeed ZeRO-3 checkpoint);"
+            " convert it first: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT.pt"
+        )
+
+
+def _unit_for(
+    name: str,
+    leaves: tuple[TensorLeaf, ...],
+    files: list[str],
+    out_dtype: torch.dtype | None,
+    units_by_tie: dict[tuple[object, ...], Unit],
+) -> Unit:
+    for leaf, file in zip(leaves, files, strict=True):
+        if isinstance(leaf, UnsupportedTensor):
+            raise CheckpointError(f"{file}: tensor {name!r} is a {leaf.kind} tensor, which cannot be averaged")
+        if leaf.dtype.is_floating_point and leaf.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is {str(leaf.dtype).removeprefix('torch.')}; quantized and float8"
+                " weights are scaled codes that cannot be averaged directly (dequantize first)"
+            )
+        if leaf.dtype.is_complex:
+            raise CheckpointError(f"{file}: tensor {name!r} is complex, which is not supported")
+    shapes = {leaf_shape(leaf) for leaf in leaves}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{f}: {list(leaf_shape(x))}" for f, x in zip(files, leaves, strict=True))
+        raise MismatchError(f"tensor {name!r} has different shapes: {detail}")
+    kinds = {classify(name, leaf.dtype) for leaf in leaves}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{f}: {str(x.dtype).removeprefix('torch.')}" for f, x in zip(files, leaves, strict=True))
+        raise MismatchError(f"tensor {name!r} mixes floating and integer dtypes: {detail}")
+    tie = tuple(leaf_tie_key(leaf) for leaf in leaves)
+    if tie in units_by_tie:
+        unit = units_by_tie[tie]
+        unit.names.append(name)
+        return unit
+    kind = kinds.pop()
+    dtype = out_dtype if (out_dtype is not None and kind == "float") else leaves[-1].dtype
+    unit = Unit([name], leaves, kind, dtype, leaf_shape(leaves[-1]))
+    units_by_tie[tie] = unit
+    return unit
+
+
+def engine_options(options: Options, count: int) -> AverageOptions:
+    accumulate = torch.float32 if options.accum_dtype in ("float32", "fp32", "float") else torch.float64
+    return AverageOptions(
+        weights=mixing_weights(count, options.weights, options.ema),
+        accum_dtype=accumulate,
+        device=options.device,
+        int_policy=options.int_policy,
+        allow_nonfinite=options.allow_nonfinite,
+    )
+
+
+def run_engine(layout: Layout, options: Options, sink: Any, progress: Callable[[int], None], visits: list[Visit]) -> Digests:
+    digests = Digests.for_inputs(len(layout.opened))
+    engine = Engine([o.ref.display for o in layout.opened], engine_options(options, len(layout.opened)), sink, digests, progress)
+    engine.run(visits)
+    return digests
+
+
+def json_provenance(provenance: dict[str, Any]) -> str:
+    return json.dumps(provenance, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,230 @@
+"""INPUT arguments (files, directories, glob patterns) to checkpoint references.
+
+Nothing here opens a checkpoint: names and directory listings only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globbing
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import DiscoveryError, UsageError
+from .naming import NameInfo, checkpoint_suffix, parse_name
+
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+TEMP_PREFIX = ".ckpt-avg-tmp-"
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint: a file, or a Hugging Face-style directory of weight files."""
+
+    display: str  # as the user gave it, joined with the found name: recorded in provenance
+    files: tuple[str, ...]  # the weight files to read (shards in order for a directory)
+    is_directory: bool
+    explicit: bool  # named on the command line rather than found in a directory
+    order: int  # position among what was found, for files that carry no index
+    size: int
+    name: NameInfo = field(default_factory=NameInfo)
+
+    @property
+    def format(self) -> str:
+        return "safetensors" if self.files[0].endswith(".safetensors") else "pytorch"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    display: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    refs: tuple[CheckpointRef, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def hf_weight_files(directory: str) -> tuple[str, ...] | None:
+    """The weight files of a Hugging Face-style checkpoint directory, or None if it is not one."""
+    for name in HF_WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return (path,)
+        return tuple(os.path.join(directory, shard) for shard in _index_shards(path))
+    return None
+
+
+def _index_shards(index_path: str) -> list[str]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DiscoveryError(f"{index_path}: unreadable shard index: {exc}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise DiscoveryError(f"{index_path}: shard name {shard!r} is not a file in the directory")
+    return shards
+
+
+def refuse_conversion_layouts(directory: str) -> None:
+    """Layouts that must be converted to a plain state dict before averaging."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    if any(n.startswith("zero_pp_rank_") or n.startswith("bf16_zero_pp_rank_") for n in names) or (
+        "checkpoint" in names and _has_zero_files(os.path.join(directory, "checkpoint"))
+    ):
+        raise DiscoveryError(
+            f"{directory}: DeepSpeed ZeRO checkpoint (zero_pp_rank_* shards); convert it first: "
+            f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt"
+        )
+    if any(n.endswith(".distcp") for n in names):
+        raise DiscoveryError(
+            f"{directory}: torch.distributed.checkpoint directory (.distcp); convert it first: "
+            f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {directory} "
+            f"{directory.rstrip('/')}.pt"
+        )
+    ranks = [n for n in names if n.startswith("mp_rank_")]
+    if len(ranks) > 1 or any(os.path.isdir(os.path.join(directory, n)) for n in ranks):
+        raise DiscoveryError(
+            f"{directory}: Megatron model-parallel checkpoint ({', '.join(sorted(ranks)[:3])}); merge the"
+            " ranks first with Megatron-LM's tools/checkpoint/convert.py (--target-tensor-parallel-size 1"
+            " --target-pipeline-parallel-size 1)"
+        )
+
+
+def _has_zero_files(directory: str) -> bool:
+    try:
+        return any("zero_pp_rank_" in n for n in os.listdir(directory))
+    except OSError:
+        return False
+
+
+def discover(
+    inputs: Sequence[str], *, recursive: bool = False, name_glob: str | None = None
+) -> Discovery:
+    """Every checkpoint INPUT names, each file once, in the order found.
+
+    >>> discover(["ckpts/"]).refs  # doctest: +SKIP
+    """
+    found = _Found(name_glob)
+    for argument in inputs:
+        for path, explicit in _expand(argument):
+            if os.path.isdir(path):
+                found.add_directory(path, explicit=explicit, recursive=recursive, top=True)
+            else:
+                found.add_file(path, explicit=explicit)
+    return Discovery(tuple(found.refs), tuple(found.skipped))
+
+
+def _expand(argument: str) -> list[tuple[str, bool]]:
+    if os.path.lexists(argument):
+        return [(argument, True)]
+    if _GLOB_CHARS & set(argument):
+        matches = sorted(globbing.glob(argument, recursive=True))
+        if not matches:
+            raise UsageError(f"INPUT pattern {argument!r} matches nothing")
+        return [(m, True) for m in matches]
+    raise UsageError(f"INPUT {argument!r} does not exist")
+
+
+class _Found:
+    def __init__(self, name_glob: str | None) -> None:
+        self.name_glob = name_glob
+        self.refs: list[CheckpointRef] = []
+        self.skipped: list[Skipped] = []
+        self._by_identity: dict[tuple[int, int], int] = {}
+
+    def add_directory(self, directory: str, *, explicit: bool, recursive: bool, top: bool) -> None:
+        refuse_conversion_layouts(directory)
+        files = hf_weight_files(directory)
+        if files is not None:
+            self._add(directory, files, is_directory=True, explicit=explicit)
+            return
+        if not top and not recursive:
+            return
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise DiscoveryError(f"{directory}: cannot list directory: {exc.strerror}") from None
+        for entry in entries:
+            if entry.startswith("."):
+                continue
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path):
+                if os.path.islink(path) and recursive:
+                    continue  # A linked directory could loop back on itself.
+                self.add_directory(path, explicit=False, recursive=recursive, top=False)
+            elif checkpoint_suffix(entry) or os.path.islink(path):
+                self.add_file(path, explicit=False)
+
+    def add_file(self, path: str, *, explicit: bool) -> None:
+        name = os.path.basename(path)
+        if not os.path.exists(path):
+            self.skipped.append(Skipped(path, "broken or looping symbolic link"))
+            return
+        if checkpoint_suffix(name) is None:
+            if explicit:
+                raise DiscoveryError(
+                    f"{path}: not a checkpoint file name (expected .pt .pth .ckpt .bin .pth.tar .safetensors)"
+                )
+            return
+        if name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")):
+            refuse_conversion_layouts(os.path.dirname(path) or ".")
+        self._add(path, (path,), is_directory=False, explicit=explicit)
+
+    def _add(self, display: str, files: tuple[str, ...], *, is_directory: bool, explicit: bool) -> None:
+        name = os.path.basename(display.rstrip("/")) or display
+        if self.name_glob and not fnmatch.fnmatch(name, self.name_glob):
+            self.skipped.append(Skipped(display, f"name does not match --glob {self.name_glob}"))
+            return
+        info = parse_name(name, is_directory=is_directory)
+        stat = os.stat(display)
+        identity = (stat.st_dev, stat.st_ino)
+        ref = CheckpointRef(
+            display=display,
+            files=files,
+            is_directory=is_directory,
+            explicit=explicit,
+            order=len(self.refs),
+            size=sum(_size(f) for f in files),
+            name=info,
+        )
+        if identity in self._by_identity:
+            self._keep_one_of(self._by_identity[identity], ref)
+            return
+        self._by_identity[identity] = len(self.refs)
+        self.refs.append(ref)
+
+    def _keep_one_of(self, position: int, new: CheckpointRef) -> None:
+        old = self.refs[position]
+        if old.name.is_alias and not new.name.is_alias:
+            # Keep the name that carries an index: last.ckpt -> epoch=9.ckpt keeps epoch=9.
+            self.refs[position] = CheckpointRef(
+                new.display, new.files, new.is_directory, new.explicit or old.explicit,
+                old.order, new.size, new.name,
+            )  # fmt: skip
+            self.skipped.append(Skipped(old.display, f"same file as {new.display}"))
+        else:
+            self.skipped.append(Skipped(new.display, f"same file as {old.display}"))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -1,0 +1,188 @@
+"""Tensors known by their place in a file, read only when and as far as they are needed.
+
+Reads go through `os.pread` into fresh or reused buffers instead of a memory map, so the
+pages of a tensor that has been consumed never stay in this process's resident set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPE_SIZES: dict[torch.dtype, int] = {}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    size = DTYPE_SIZES.get(dtype)
+    if size is None:
+        size = torch.empty((), dtype=dtype).element_size()
+        DTYPE_SIZES[dtype] = size
+    return size
+
+
+class FileReader:
+    """Positional reads from one file, safe to share between threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self.size = os.path.getsize(path)
+
+    def _descriptor(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._fd
+
+    def read_into(self, buffer: torch.Tensor, offset: int) -> None:
+        """Fill a contiguous uint8 CPU tensor with the bytes at `offset`."""
+        nbytes = buffer.numel()
+        if offset < 0 or offset + nbytes > self.size:
+            raise CheckpointError(
+                f"{self.path}: truncated or corrupt: a tensor needs bytes {offset}..{offset + nbytes}"
+                f" but the file has {self.size}"
+            )
+        if nbytes == 0:
+            return
+        view = memoryview(buffer.numpy()).cast("B")
+        fd = self._descriptor()
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: file ended while reading tensor data")
+            done += got
+
+    def read(self, offset: int, nbytes: int) -> torch.Tensor:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.read_into(buffer, offset)
+        return buffer
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record: where its bytes lie in which file, and how many elements."""
+
+    reader: FileReader
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    ident: str
+
+
+@dataclass(eq=False)
+class LazyTensor:
+    """A tensor described by its storage, view geometry and dtype; no bytes read yet."""
+
+    storage: StorageRef
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def tie_key(self) -> tuple[object, ...]:
+        """Equal for two names that share one storage and one view of it."""
+        return (self.storage.ident, self.dtype, self.shape, self.stride, self.storage_offset)
+
+    def _span_elements(self) -> int:
+        if self.numel == 0:
+            return 0
+        return 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride, strict=True))
+
+    def validate(self, where: str) -> None:
+        size = itemsize(self.dtype)
+        end = (self.storage_offset + self._span_elements()) * size
+        if self.storage_offset < 0 or any(s < 0 for s in self.shape) or any(s < 0 for s in self.stride):
+            raise CheckpointError(f"{where}: tensor has a negative size, stride or offset")
+        if self.numel and end > self.storage.nbytes:
+            raise CheckpointError(
+                f"{where}: tensor needs {end} bytes but its storage record holds {self.storage.nbytes}"
+            )
+
+    def read_range(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start+count) of a contiguous tensor, flat, read from disk."""
+        size = itemsize(self.dtype)
+        nbytes = count * size
+        if out is None:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            out = out[:nbytes]
+        offset = self.storage.offset + (self.storage_offset + start) * size
+        self.storage.reader.read_into(out, offset)
+        return out.view(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor in memory, with its own shape."""
+        if self.is_contiguous():
+            return self.read_range(0, self.numel).view(self.shape)
+        span = self._span_elements()
+        flat = LazyTensor(self.storage, self.dtype, (span,), (1,), self.storage_offset).read_range(0, span)
+        return flat.as_strided(self.shape, self.stride).contiguous()
+
+
+TensorLeaf = LazyTensor | torch.Tensor
+
+
+def is_tensor_leaf(value: object) -> bool:
+    return isinstance(value, LazyTensor | torch.Tensor)
+
+
+def leaf_dtype(value: TensorLeaf) -> torch.dtype:
+    return value.dtype
+
+
+def leaf_shape(value: TensorLeaf) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def leaf_numel(value: TensorLeaf) -> int:
+    return value.numel if isinstance(value, LazyTensor) else value.numel()
+
+
+def leaf_tie_key(value: TensorLeaf) -> tuple[object, ...]:
+    if isinstance(value, LazyTensor):
+        return value.tie_key()
+    storage = value.untyped_storage()
+    return ("mem", storage.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+
+
+def read_leaf_range(value: TensorLeaf, start: int, count: int) -> torch.Tensor:
+    """Elements [start, start+count) of a tensor in row-major order, as a flat CPU tensor."""
+    if isinstance(value, LazyTensor):
+        if value.is_contiguous():
+            return value.read_range(start, count)
+        return value.load().reshape(-1)[start : start + count]
+    return value.detach().reshape(-1)[start : start + count]
+
+
+def load_leaf(value: TensorLeaf) -> torch.Tensor:
+    return value.load() if isinstance(value, LazyTensor) else value.detach()

@@ -1,0 +1,113 @@
+"""What the user sees: the plan table, the one-line summary and the JSON report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One candidate checkpoint as the plan shows it."""
+
+    path: str
+    epoch: int | None
+    step: int | None
+    index: int | None
+    size: int
+    selected: bool
+    reason: str = ""
+    weight: float | None = None
+    tensor_digest: str | None = None
+    legacy: bool = False
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str | None
+
+
+@dataclass
+class Report:
+    """Everything one run decided and did; `--json` prints it, the API returns it."""
+
+    version: str
+    by: str
+    candidates: list[CandidateRecord]
+    dry_run: bool = False
+    state_dict_key: str | None = None
+    other_state_dicts: list[str] = field(default_factory=list)
+    output: str | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    output_digest: str | None = None
+    parameters: int = 0
+    tensors: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    placeholders: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[CandidateRecord]:
+        return [c for c in self.candidates if c.selected]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["inputs"] = [asdict(c) for c in self.selected]
+        data["skipped"] = [{"path": c.path, "reason": c.reason} for c in self.candidates if not c.selected]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def plan_table(report: Report) -> str:
+    """Every candidate with its index, size and whether it is selected (or why not)."""
+    header = ("", report.by if report.by != "order" else "#", "epoch", "step", "size", "file", "")
+    rows = [header]
+    for c in report.candidates:
+        mark = "*" if c.selected else "-"
+        note = ""
+        if c.selected and c.weight is not None:
+            note = f"weight {c.weight:.6g}"
+        elif not c.selected:
+            note = c.reason
+        if c.legacy:
+            note = (note + "; " if note else "") + "legacy format, loaded whole"
+        rows.append(
+            (mark, _text(c.index), _text(c.epoch), _text(c.step), human_size(c.size), c.path, note)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+    lines = [line.rstrip() for line in lines]
+    chosen = len(report.selected)
+    lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, ordered by {report.by}")
+    if report.state_dict_key is not None:
+        others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""
+        lines.append(f"state dict: {report.state_dict_key}{others}")
+    return "\n".join(lines)
+
+
+def _text(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def summary_line(report: Report) -> str:
+    chosen = report.selected
+    indices = [c.index for c in chosen if c.index is not None]
+    span = f"{report.by} {min(indices)}-{max(indices)}" if indices and report.by != "order" else "as given"
+    return (
+        f"Averaged {len(chosen)} checkpoint(s) ({span}) into {report.output}: "
+        f"{report.parameters:,} parameters in {report.tensors} tensors, {report.seconds:.1f}s"
+    )

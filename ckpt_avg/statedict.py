@@ -1,0 +1,159 @@
+"""Finding the state dict to average inside a checkpoint's object tree.
+
+Libraries nest the weights differently: Lightning under `state_dict`, fairseq and timm
+under `model` or `state_dict`, plain scripts under `model_state_dict`, Trainer and
+safetensors files flat. EMA copies sit beside them (`state_dict_ema`,
+Lightning's `current_model_state`) and are averaged too when the output keeps structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, UsageError
+from .lazy import is_tensor_leaf
+from .torchfile import UnsupportedTensor
+
+PRIMARY_NAMES = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "model_state",
+    "net",
+    "network",
+    "weights",
+)
+SECONDARY_NAMES = (
+    "state_dict_ema",
+    "model_ema",
+    "ema_state_dict",
+    "ema",
+    "ema_model",
+    "model_ema_state_dict",
+    "current_model_state",
+    "averaged_model_state",
+    "swa_model",
+)
+# Training state that no longer matches averaged weights: left out of a .pt output.
+TRAINING_STATE_NAMES = frozenset(
+    {
+        "optimizer",
+        "optimizer_states",
+        "optimizer_state_dict",
+        "optimizer_state",
+        "optim",
+        "last_optimizer_state",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "scheduler_state_dict",
+        "callbacks",
+        "scaler",
+        "amp",
+        "amp_scaling_state",
+        "native_amp_scaling_state",
+        "MixedPrecision",
+        "MixedPrecisionPlugin",
+        "NativeMixedPrecisionPlugin",
+        "rng_state",
+        "rng_states",
+    }
+)
+
+Path = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StateDictChoice:
+    primary: Path  # () when the checkpoint is itself a flat state dict
+    others: tuple[Path, ...]
+    warning: str | None = None
+
+
+def is_state_dict(node: Any) -> bool:
+    return (
+        isinstance(node, Mapping)
+        and len(node) > 0
+        and all(isinstance(k, str) for k in node)
+        and all(is_tensor_leaf(v) or isinstance(v, UnsupportedTensor) for v in node.values())
+    )
+
+
+def dotted(path: Path) -> str:
+    return ".".join(path) if path else "(top level)"
+
+
+def get_path(tree: Any, path: Path) -> Any:
+    node = tree
+    for part in path:
+        node = node[part]
+    return node
+
+
+def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoice:
+    """Which state dict to average, and which others (EMA) the checkpoint also holds."""
+    if key is not None:
+        return _chosen(tree, tuple(key.split(".")), where)
+    if is_state_dict(tree):
+        return StateDictChoice((), ())
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(
+            f"{where}: holds a {type(tree).__name__}, not a dict of tensors (a whole pickled model?);"
+            " save its state_dict() instead"
+        )
+    found = [name for name, value in tree.items() if isinstance(name, str) and is_state_dict(value)]
+    if not found:
+        raise CheckpointError(
+            f"{where}: no state dict found; top-level keys: {_listing(tree)}; pick one with --key"
+        )
+    preferred = [name for name in PRIMARY_NAMES if name in found]
+    others = [name for name in found if name not in preferred[:1]]
+    if preferred:
+        primary = preferred[0]
+    elif len(found) == 1:
+        primary = found[0]
+        others = []
+    else:
+        raise CheckpointError(
+            f"{where}: several state dicts ({', '.join(found)}) and none is the usual one; choose with --key"
+        )
+    unknown = [name for name in others if name not in SECONDARY_NAMES]
+    warning = None
+    if unknown:
+        warning = (
+            f"{where}: averaging {primary!r}; the checkpoint also holds state dicts"
+            f" {', '.join(map(repr, unknown))} (choose another with --key)"
+        )
+    return StateDictChoice((primary,), tuple((name,) for name in others), warning)
+
+
+def _chosen(tree: Any, path: Path, where: str) -> StateDictChoice:
+    try:
+        node = get_path(tree, path)
+    except (KeyError, TypeError, IndexError):
+        raise UsageError(
+            f"--key {'.'.join(path)}: not found in {where}; state dicts there: {_state_dict_names(tree)}"
+        ) from None
+    if not is_state_dict(node):
+        raise UsageError(
+            f"--key {'.'.join(path)}: not a dict of tensors in {where}; state dicts there: {_state_dict_names(tree)}"
+        )
+    return StateDictChoice(path, ())
+
+
+def _state_dict_names(tree: Any) -> str:
+    if is_state_dict(tree):
+        return "(top level)"
+    if not isinstance(tree, Mapping):
+        return "none"
+    names = [str(k) for k, v in tree.items() if is_state_dict(v)]
+    return ", ".join(names) if names else f"none (top-level keys: {_listing(tree)})"
+
+
+def _listing(tree: Mapping[Any, Any]) -> str:
+    names = [str(k) for k in tree]
+    shown = ", ".join(names[:12])
+    return shown + (f", ... ({len(names)} keys)" if len(names) > 12 else "")

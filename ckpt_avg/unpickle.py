@@ -1,0 +1,226 @@
+"""Unpickling that never runs code from a checkpoint unless the user trusts it.
+
+A pickle can only run code through the globals it names: every callable it invokes is
+first looked up by `find_class`. Ours returns a real object only for an allowlist of inert
+containers and value types; any other name becomes an inert `Placeholder` class, so a
+checkpoint holding `argparse.Namespace`, Lightning's `AttributeDict` or a custom config
+object still yields its tensors, and a payload such as `os.system` is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar
+
+from .errors import UnsafePickleError
+
+# Inert classes and functions loaded as themselves: constructing them runs no user code.
+_ALLOWED: tuple[str, ...] = (
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.bytearray",
+    "builtins.bytes",
+    "builtins.complex",
+    "builtins.slice",
+    "builtins.range",
+    "builtins.dict",
+    "builtins.list",
+    "builtins.tuple",
+    "builtins.int",
+    "builtins.float",
+    "builtins.str",
+    "builtins.bool",
+    "builtins.object",
+    "_codecs.encode",
+    "copyreg._reconstructor",
+    "collections.OrderedDict",
+    "collections.Counter",
+    "collections.defaultdict",
+    "collections.deque",
+    "argparse.Namespace",
+    "datetime.datetime",
+    "datetime.date",
+    "datetime.time",
+    "datetime.timedelta",
+    "datetime.timezone",
+    "decimal.Decimal",
+    "fractions.Fraction",
+    "pathlib.Path",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib.PurePath",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+    "typing.Any",
+    "torch.Size",
+    "torch.device",
+    "torch.serialization._get_layout",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct",
+    # Lightning's hyper-parameter container is a plain dict subclass.
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+    # omegaconf containers rebuild themselves from plain data in __setstate__.
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode",
+    "omegaconf.nodes.BooleanNode",
+    "omegaconf.nodes.BytesNode",
+    "omegaconf.nodes.PathNode",
+)
+_ALLOWED_MODULE_PREFIXES = ("numpy.dtypes.",)
+# Names a pickle may give for a module that moved (protocol 2 pickles from Python 2 too).
+_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg", "pathlib._local": "pathlib"}
+
+
+class Placeholder:
+    """Stands in for an object whose class we did not import.
+
+    It records what the pickle said about it (arguments, state, items) so the report can
+    name it, and it does nothing else: no method of the original class ever runs.
+    """
+
+    global_name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+        self = object.__new__(cls)
+        self.__dict__["_args"] = args
+        self.__dict__["_items"] = {}
+        self.__dict__["_list"] = []
+        self.__dict__["_state"] = None
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["_items"][key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__["_list"].append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__["_list"].extend(values)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        return type(self)(*args)
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.global_name}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise pickle.PicklingError(f"placeholder for {self.global_name} cannot be saved")
+
+
+def placeholder_class(global_name: str) -> type[Placeholder]:
+    return type("Placeholder", (Placeholder,), {"global_name": global_name})
+
+
+@dataclass(frozen=True)
+class PicklePolicy:
+    """How far to trust a pickle: the user's extra allowed globals, or full trust."""
+
+    trust: bool = False
+    extra_allowed: frozenset[str] = frozenset()
+
+
+@dataclass
+class Unpickled:
+    """The result of one unpickling, with the globals we replaced by placeholders."""
+
+    obj: Any
+    placeholders: set[str] = field(default_factory=set)
+
+
+def _import_global(module: str, name: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class GlobalResolver:
+    """Decides what each global named by a pickle becomes."""
+
+    def __init__(self, policy: PicklePolicy, overrides: dict[str, Any]) -> None:
+        self.policy = policy
+        self.overrides = overrides
+        self.placeholders: set[str] = set()
+        self._classes: dict[str, type[Placeholder]] = {}
+
+    def resolve(self, module: str, name: str) -> Any:
+        module = _MODULE_ALIASES.get(module, module)
+        full = f"{module}.{name}"
+        if full in self.overrides:
+            return self.overrides[full]
+        if self.policy.trust:
+            return _import_global(module, name)
+        if full in _ALLOWED or full in self.policy.extra_allowed or full.startswith(_ALLOWED_MODULE_PREFIXES):
+            try:
+                return _import_global(module, name)
+            except (ImportError, AttributeError):
+                pass  # Not installed here: an inert placeholder keeps the tensors loadable.
+        if full not in self._classes:
+            self._classes[full] = placeholder_class(full)
+            self.placeholders.add(full)
+        return self._classes[full]
+
+
+def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
+    """A `pickle.Unpickler` whose every global goes through `resolver`."""
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return resolver.resolve(module, name)
+
+    return RestrictedUnpickler
+
+
+def make_unpickler(
+    file: IO[bytes],
+    resolver: GlobalResolver,
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> pickle.Unpickler:
+    unpickler = unpickler_class(resolver)(file, encoding="utf-8")
+    if persistent_load is not None:
+        unpickler.persistent_load = persistent_load  # type: ignore[assignment]
+    return unpickler
+
+
+def loads_checked(file: IO[bytes], resolver: GlobalResolver, where: str, **kwargs: Any) -> Any:
+    """Unpickle one object, turning every low-level failure into one clear error."""
+    from .errors import CheckpointError
+
+    try:
+        return make_unpickler(file, resolver, **kwargs).load()
+    except UnsafePickleError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{where}: pickle nests too deeply to read") from None
+    except MemoryError:
+        raise CheckpointError(f"{where}: pickle asks for more memory than it can hold") from None
+    except Exception as exc:  # noqa: BLE001 - any failure inside a hostile pickle is a bad file
+        raise CheckpointError(f"{where}: cannot unpickle: {type(exc).__name__}: {exc}") from None
+
+
+def is_plain_data(value: Any) -> bool:
+    """True for values that pickle without naming any global beyond builtins."""
+    return isinstance(value, str | int | float | bool | bytes | type(None) | complex)
+

@@ -65,6 +65,10 @@ class Options:
     force: bool = False
     max_shard_size: str | None = None
     hash_files: bool = True
+    bn_model: str | None = None  # MODULE:CALLABLE returning the model
+    bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
+    bn_batch_size: int = 32
+    bn_batches: int | None = None
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -100,7 +104,8 @@ def average_checkpoints(
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
-    written = write_output(output, layout, run.provenance(), options, progress or (lambda _: None))
+    overrides = _batchnorm(run, layout, options)
+    written = write_output(output, layout, run.provenance(), options, progress or (lambda _: None), overrides)
     report = run.report(dry_run=False)
     report.output = output
     report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
@@ -113,6 +118,48 @@ def average_checkpoints(
     report.dropped = written.dropped
     report.seconds = time.monotonic() - started
     return report
+
+
+def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.Tensor]:
+    """Recomputed BatchNorm statistics to write in place of the averaged ones, if asked for."""
+    layers = batchnorm_layers(layout.primary_names)
+    if options.bn_model is None:
+        if layers:
+            run.warnings.append(
+                f"{len(layers)} BatchNorm layer(s) were averaged, not recomputed;"
+                " recompute their statistics with --bn-model MODULE:CALLABLE --bn-data DATA"
+            )
+        return {}
+    from .average import MemorySink
+    from .bn import recompute_batchnorm
+
+    sink = MemorySink()
+    run_engine(layout, options, sink, lambda _: None, [v for v in layout.visits if v.digest])
+    hyper_parameters = _hyper_parameters(layout.opened[-1].tree)
+    return recompute_batchnorm(
+        sink.tensors,
+        model_spec=options.bn_model,
+        data_spec=options.bn_data,
+        batch_size=options.bn_batch_size,
+        max_batches=options.bn_batches,
+        device=options.device,
+        hyper_parameters=hyper_parameters,
+    )
+
+
+def batchnorm_layers(names: Sequence[str]) -> list[str]:
+    """Prefixes of the layers that carry BatchNorm running statistics."""
+    present = set(names)
+    return sorted(
+        n.removesuffix("running_mean") for n in names
+        if n.endswith("running_mean") and n.removesuffix("running_mean") + "running_var" in present
+    )  # fmt: skip
+
+
+def _hyper_parameters(tree: Any) -> dict[str, Any] | None:
+    if isinstance(tree, dict) and isinstance(tree.get("hyper_parameters"), dict):
+        return dict(tree["hyper_parameters"])
+    return None
 
 
 def _merge(options: Options, choices: dict[str, Any]) -> Options:
@@ -149,6 +196,10 @@ def _validate(options: Options, output: str | None = None) -> None:
     if options.weights is not None and (any(w < 0 for w in options.weights) or sum(options.weights) <= 0):
         raise UsageError("--weights must be non-negative and not sum to zero")
     check_device(options.device)
+    if (options.bn_model is None) != (options.bn_data is None):
+        raise UsageError("--bn-model and --bn-data go together: give both to recompute BatchNorm statistics")
+    if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
+        raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
     if output is not None:
         _validate_output_name(output, options)
 
@@ -482,7 +533,7 @@ def _unit_for(
     return unit
 
 
-def engine_options(options: Options, count: int) -> AverageOptions:
+def engine_options(options: Options, count: int, overrides: dict[str, torch.Tensor] | None = None) -> AverageOptions:
     accumulate = torch.float32 if options.accum_dtype in ("float32", "fp32", "float") else torch.float64
     return AverageOptions(
         weights=mixing_weights(count, options.weights, options.ema),
@@ -490,12 +541,21 @@ def engine_options(options: Options, count: int) -> AverageOptions:
         device=options.device,
         int_policy=options.int_policy,
         allow_nonfinite=options.allow_nonfinite,
+        overrides=overrides or {},
     )
 
 
-def run_engine(layout: Layout, options: Options, sink: Any, progress: Callable[[int], None], visits: list[Visit]) -> Digests:
+def run_engine(
+    layout: Layout,
+    options: Options,
+    sink: Any,
+    progress: Callable[[int], None],
+    visits: list[Visit],
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> Digests:
     digests = Digests.for_inputs(len(layout.opened))
-    engine = Engine([o.ref.display for o in layout.opened], engine_options(options, len(layout.opened)), sink, digests, progress)
+    settings = engine_options(options, len(layout.opened), overrides)
+    engine = Engine([o.ref.display for o in layout.opened], settings, sink, digests, progress)
     engine.run(visits)
     return digests
 

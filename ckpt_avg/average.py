@@ -34,6 +34,8 @@ class AverageOptions:
     int_policy: str = "error"
     allow_nonfinite: bool = False
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    # Tensors that replace the average under these names (recomputed BatchNorm statistics).
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -218,7 +220,11 @@ class Engine:
                     hasher.update(chunk.contiguous().view(torch.uint8).numpy())
             if not visit.compute:
                 continue
-            result = self._combine(unit, visit.name, start, chunks)
+            override = self.options.overrides.get(unit.names[0])
+            if override is not None:
+                result = override.detach().to("cpu", unit.out_dtype).reshape(-1)[start : start + count].contiguous()
+            else:
+                result = self._combine(unit, visit.name, start, chunks)
             self.sink.write(unit, start, result)
             if visit.digest:
                 self.digests.output.update(result.view(torch.uint8).numpy())
@@ -273,3 +279,20 @@ class Engine:
                     " (use --allow-nonfinite to average it anyway)"
                 )
         raise NonFiniteError(f"tensor {name!r}: the mean overflows {self.options.accum_dtype}")
+
+
+class MemorySink:
+    """Collects whole averaged tensors by name, for work that needs the model in memory."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._by_unit: dict[int, torch.Tensor] = {}
+
+    def write(self, unit: Unit, start: int, data: torch.Tensor) -> None:
+        flat = self._by_unit.get(id(unit))
+        if flat is None:
+            flat = torch.empty(unit.numel, dtype=unit.out_dtype)
+            self._by_unit[id(unit)] = flat
+            for name in unit.names:
+                self.tensors[name] = flat.view(unit.shape)
+        flat[start : start + data.numel()] = data

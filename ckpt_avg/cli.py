@@ -74,6 +74,10 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--trust-pickle", is_flag=True, help="Fully unpickle the inputs. RUNS CODE FROM THE FILES: only for files you trust.")
 @click.option("--allow-global", multiple=True, metavar="MODULE.NAME", help="Load this class as itself instead of a placeholder (repeatable). Example: --allow-global my_pkg.Config")
 @click.option("--max-shard-size", metavar="SIZE", help="Shard a directory output. 5GB = 5*10^9 bytes, 5GiB = 5*2^30. Example: -o avg/ --max-shard-size 5GB")
+@click.option("--bn-model", metavar="MODULE:CALLABLE", help="Recompute BatchNorm statistics: a function returning the model. Example: --bn-model train:make_model")
+@click.option("--bn-data", metavar="DATA", help="Batches for --bn-model: MODULE:CALLABLE returning an iterable, or a .pt/.safetensors file of inputs. Example: --bn-data train:loader")
+@click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Batch size when --bn-data is a file of inputs.")
+@click.option("--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or the plan, with --dry-run) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (warnings stay in the --json report).")
@@ -104,6 +108,8 @@ def _options(params: dict[str, Any]) -> Options:
         int_policy=params["int_policy"], allow_nonfinite=params["allow_nonfinite"],
         trust_pickle=params["trust_pickle"], allow_global=tuple(params["allow_global"]),
         force=params["force"], max_shard_size=params["max_shard_size"], hash_files=params["as_json"],
+        bn_model=params["bn_model"], bn_data=params["bn_data"], bn_batch_size=params["bn_batch_size"],
+        bn_batches=params["bn_batches"],
     )  # fmt: skip
 
 
@@ -186,3 +192,13 @@ def _errors(*, debug: bool) -> Iterator[None]:
             traceback.print_exc()
         click.echo(f"Error: internal error: {type(error).__name__}: {error} (run with --debug for details)", err=True)
         sys.exit(1)
+
+
+def entry() -> None:
+    """Console entry point: `ckpt-avg inspect ...` is its own command; anything else averages."""
+    if sys.argv[1:2] == ["inspect"]:
+        from .inspect_cli import inspect_command
+
+        inspect_command(args=sys.argv[2:], prog_name="ckpt-avg inspect")
+    else:
+        main()

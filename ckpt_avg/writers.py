@@ -61,20 +61,27 @@ class Written:
 
 
 def write_output(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, progress: Callable[[int], None]
+    output: str,
+    layout: Layout,
+    provenance: dict[str, Any],
+    options: Options,
+    progress: Callable[[int], None],
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> Written:
+    def run(sink: Any, primary_only: bool) -> Digests:
+        from .api import run_engine
+
+        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+        return run_engine(layout, options, sink, progress, visits, overrides)
+
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
-        return _write_directory(output, layout, provenance, options, progress)
+        return _write_directory(output, layout, provenance, options, run)
     if output.lower().endswith(".safetensors"):
-        return _write_safetensors(output, layout, provenance, options, progress)
-    return _write_pt(output, layout, provenance, options, progress)
+        return _write_safetensors(output, layout, provenance, options, run)
+    return _write_pt(output, layout, provenance, options, run)
 
 
-def _run(layout: Layout, options: Options, sink: Any, progress: Callable[[int], None], primary_only: bool) -> Digests:
-    from .api import run_engine
-
-    visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
-    return run_engine(layout, options, sink, progress, visits)
+Runner = Callable[[Any, bool], Digests]
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
@@ -107,13 +114,13 @@ def _entries(layout: Layout) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 
 def _write_safetensors(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, progress: Callable[[int], None]
+    output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     entries = _entries(layout)
     with _temp_file(output) as (temp, file):
         try:
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
-            digests = _run(layout, options, SafetensorsSink(dict.fromkeys(entries, writer)), progress, True)
+            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
             final = SafetensorsWriter.header_bytes(entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)})
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
@@ -126,7 +133,7 @@ def _write_safetensors(
 
 
 def _write_directory(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, progress: Callable[[int], None]
+    output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     entries = _entries(layout)
     limit = parse_size(options.max_shard_size) if options.max_shard_size else None
@@ -150,7 +157,7 @@ def _write_directory(
             shard_entries = {n: entries[n] for n in names}
             writer = SafetensorsWriter(file, shard_entries, metadata)
             writers.update(dict.fromkeys(names, writer))
-        digests = _run(layout, options, SafetensorsSink(writers), progress, True)
+        digests = run(SafetensorsSink(writers), True)
         if single:
             only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
             os.pwrite(files[0].fileno(), SafetensorsWriter.header_bytes(entries, only), 0)
@@ -212,7 +219,7 @@ def _copy_side_files(layout: Layout, directory: str) -> None:
 
 
 def _write_pt(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, progress: Callable[[int], None]
+    output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     storages: dict[int, OutStorage] = {}
     for visit in layout.visits:
@@ -227,7 +234,7 @@ def _write_pt(
     with _temp_file(output) as (temp, file):
         try:
             writer = PtWriter(file, archive)
-            digests = _run(layout, options, PtSink(writer, storages), progress, False)
+            digests = run(PtSink(writer, storages), False)
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)

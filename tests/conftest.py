@@ -1,0 +1,73 @@
+"""Shared helpers: the float64 oracle, computed the simple way, and the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from ckpt_avg.cli import main
+
+
+def round_reference(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float64 to `dtype` once, nearest-even, independently of ckpt_avg's own code.
+
+    bfloat16 keeps 8 significant bits, float16 11: clear the low bits of the float64
+    pattern with round-half-to-even, then the value is exact in the target dtype
+    (valid in the normal range, which is where the tests' values lie).
+    """
+    values = values.to(torch.float64)
+    if dtype in (torch.float64,):
+        return values.clone()
+    if dtype == torch.float32:
+        return values.to(torch.float32)  # a single IEEE rounding
+    if dtype == torch.float16:
+        return torch.from_numpy(values.numpy().astype(np.float16))
+    assert dtype == torch.bfloat16
+    drop = 52 - 7
+    bits = values.numpy().view(np.int64)
+    lsb = (bits >> drop) & 1
+    rounded = (bits + ((1 << (drop - 1)) - 1) + lsb) & ~((1 << drop) - 1)
+    exact = torch.from_numpy(rounded.view(np.float64).copy())
+    result = exact.to(torch.bfloat16)
+    assert torch.equal(result.to(torch.float64), exact), "reference rounding left the normal range"
+    return result
+
+
+def oracle_mean(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The float64 mean (or normalised weighted mean) rounded once, accumulating in order."""
+    dtype = dtype or tensors[-1].dtype
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    if weights is None:
+        for t in tensors:
+            total += t.to(torch.float64)
+        total /= len(tensors)
+    else:
+        norm = [w / sum(weights) for w in weights]
+        for w, t in zip(norm, tensors, strict=True):
+            total += t.to(torch.float64) * w
+    return round_reference(total, dtype)
+
+
+def run_cli(*args: str, expect: int | None = 0) -> Result:
+    """Run `ckpt-avg ARGS` in-process as a user would, checking the exit status."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}, output:\n{result.output}"
+    return result
+
+
+def leftovers(directory: str | os.PathLike[str]) -> list[str]:
+    """Temp files a run may have left behind in a directory."""
+    return [n for n in os.listdir(directory) if n.startswith(".ckpt-avg-tmp-")]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch() -> None:
+    torch.manual_seed(0)

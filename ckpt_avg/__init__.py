@@ -4,10 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import Options, average_checkpoints, plan_checkpoints  # noqa: E402
-from .errors import CkptAvgError  # noqa: E402
-from .report import Report  # noqa: E402
-from .select import SelectOptions  # noqa: E402
+from .api import Options, average_checkpoints, plan_checkpoints
+from .errors import CkptAvgError
+from .report import Report
+from .select import SelectOptions
 
 __all__ = [
     "CkptAvgError",

@@ -36,11 +36,18 @@ from .write import remove_stale_temps
 from .writers import write_output
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}  # fmt: skip
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
@@ -136,7 +143,7 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
     sink = MemorySink()
     run_engine(layout, options, sink, lambda _: None, [v for v in layout.visits if v.digest])
     hyper_parameters = _hyper_parameters(layout.opened[-1].tree)
-    return recompute_batchnorm(
+    recomputed: dict[str, torch.Tensor] = recompute_batchnorm(
         sink.tensors,
         model_spec=options.bn_model,
         data_spec=options.bn_data,
@@ -145,15 +152,17 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         device=options.device,
         hyper_parameters=hyper_parameters,
     )
+    return recomputed
 
 
 def batchnorm_layers(names: Sequence[str]) -> list[str]:
     """Prefixes of the layers that carry BatchNorm running statistics."""
     present = set(names)
     return sorted(
-        n.removesuffix("running_mean") for n in names
+        n.removesuffix("running_mean")
+        for n in names
         if n.endswith("running_mean") and n.removesuffix("running_mean") + "running_var" in present
-    )  # fmt: skip
+    )
 
 
 def _hyper_parameters(tree: Any) -> dict[str, Any] | None:
@@ -244,9 +253,13 @@ def _check_output(output: str, plan: Plan, options: Options) -> None:
     for candidate in plan.selected:
         for path in (candidate.ref.display, *candidate.ref.files):
             if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
-                raise OutputError(f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name")
+                raise OutputError(
+                    f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name"
+                )
             if os.path.realpath(target) == os.path.realpath(path):
-                raise OutputError(f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name")
+                raise OutputError(
+                    f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name"
+                )
     if os.path.lexists(target) and not options.force:
         raise OutputError(f"{output}: already exists (use --force to overwrite)")
 
@@ -360,12 +373,22 @@ class _Run:
                 for c, w in zip(self.plan.selected, weights, strict=True)
             ],
             "options": {
-                "start": select.start, "end": select.end, "last": select.last, "best": select.best,
-                "metric": select.metric, "mode": select.mode, "by": select.by, "key": self.options.key,
-                "strip_prefix": list(self.options.strip_prefix), "weights": list(self.options.weights or []) or None,
-                "ema": self.options.ema, "dtype": self.options.dtype, "accum_dtype": self.options.accum_dtype,
-                "int_policy": self.options.int_policy, "allow_nonfinite": self.options.allow_nonfinite,
-            },  # fmt: skip
+                "start": select.start,
+                "end": select.end,
+                "last": select.last,
+                "best": select.best,
+                "metric": select.metric,
+                "mode": select.mode,
+                "by": select.by,
+                "key": self.options.key,
+                "strip_prefix": list(self.options.strip_prefix),
+                "weights": list(self.options.weights or []) or None,
+                "ema": self.options.ema,
+                "dtype": self.options.dtype,
+                "accum_dtype": self.options.accum_dtype,
+                "int_policy": self.options.int_policy,
+                "allow_nonfinite": self.options.allow_nonfinite,
+            },
         }
 
     def _weights(self) -> list[float]:
@@ -381,20 +404,28 @@ class _Run:
             opened = self._opened.get(c.ref.order)
             records.append(
                 CandidateRecord(
-                    path=c.ref.display, epoch=c.epoch, step=c.step, index=entry.index, size=c.ref.size,
-                    selected=entry.selected, reason=entry.reason,
+                    path=c.ref.display,
+                    epoch=c.epoch,
+                    step=c.step,
+                    index=entry.index,
+                    size=c.ref.size,
+                    selected=entry.selected,
+                    reason=entry.reason,
                     weight=next(weights) if entry.selected else None,
                     legacy=bool(opened and opened.legacy),
-                )  # fmt: skip
+                )
             )
         for skipped in self.discovery.skipped:
             records.append(CandidateRecord(skipped.display, None, None, None, 0, False, skipped.reason))
         return Report(
-            version=__version__, by=self.plan.by, candidates=records, dry_run=dry_run,
+            version=__version__,
+            by=self.plan.by,
+            candidates=records,
+            dry_run=dry_run,
             state_dict_key=dotted(self.choice.primary) if self.choice else None,
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
-        )  # fmt: skip
+        )
 
 
 def _has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:
@@ -478,13 +509,23 @@ def _build_layout(
     _check_zero3(names[choice.primary], files[-1])
     input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)
     return Layout(
-        opened, choice, paths, names, visits, sorted(names[choice.primary]), input_bytes, warnings,
+        opened,
+        choice,
+        paths,
+        names,
+        visits,
+        sorted(names[choice.primary]),
+        input_bytes,
+        warnings,
         options.strip_prefix,
-    )  # fmt: skip
+    )
 
 
 def _input_bytes(unit: Unit) -> int:
-    return sum(leaf_numel(leaf) * leaf.element_size() if isinstance(leaf, torch.Tensor) else leaf.nbytes for leaf in unit.leaves)
+    return sum(
+        leaf_numel(leaf) * leaf.element_size() if isinstance(leaf, torch.Tensor) else leaf.nbytes
+        for leaf in unit.leaves
+    )
 
 
 def _check_zero3(units: dict[str, Unit], file: str) -> None:
@@ -506,7 +547,12 @@ def _unit_for(
     for leaf, file in zip(leaves, files, strict=True):
         if isinstance(leaf, UnsupportedTensor):
             raise CheckpointError(f"{file}: tensor {name!r} is a {leaf.kind} tensor, which cannot be averaged")
-        if leaf.dtype.is_floating_point and leaf.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        if leaf.dtype.is_floating_point and leaf.dtype not in (
+            torch.float64,
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
             raise CheckpointError(
                 f"{file}: tensor {name!r} is {str(leaf.dtype).removeprefix('torch.')}; quantized and float8"
                 " weights are scaled codes that cannot be averaged directly (dequantize first)"

@@ -51,33 +51,115 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     epilog=EPILOG,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", metavar="OUTPUT", help="File to write (.pt .pth .ckpt .bin keep structure, .safetensors flat), or DIR/ for Hugging Face shards. Example: -o avg.pt")
-@click.option("--dry-run", is_flag=True, help="Print the plan (every candidate, selected or why not) and write nothing.")
-@click.option("--start", type=float, metavar="N", help="Keep index >= N; a fraction 0<N<1 keeps the last part of the run. Example: --start 20 or --start 0.75")
+@click.option(
+    "-o",
+    "--output",
+    metavar="OUTPUT",
+    help="File to write (.pt .pth .ckpt .bin keep structure, .safetensors flat), or DIR/ for Hugging Face"
+    " shards. Example: -o avg.pt",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (every candidate, selected or why not) and write nothing."
+)
+@click.option(
+    "--start",
+    type=float,
+    metavar="N",
+    help="Keep index >= N; a fraction 0<N<1 keeps the last part of the run. Example: --start 20 or --start 0.75",
+)
 @click.option("--end", type=int, metavar="N", help="Keep index <= N. Example: --end 48")
 @click.option("--last", type=int, metavar="K", help="Then keep only the K highest indices. Example: --last 5")
 @click.option("--best", type=int, metavar="K", help="Keep the K best by --metric. Example: --best 3 --metric val_loss")
 @click.option("--metric", metavar="NAME", help="Metric for --best, read from the name (val_loss=0.23) or contents.")
-@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower (min) or higher (max) --metric is better; guessed for loss/acc names.")
-@click.option("--by", type=click.Choice(["epoch", "step"]), help="Index used to order and select. Default: epoch if unique, else step.")
-@click.option("--glob", "name_glob", metavar="PATTERN", help="Keep only files whose name matches. Example: --glob 'epoch=*'")
+@click.option(
+    "--mode",
+    type=click.Choice(["min", "max"]),
+    help="Whether lower (min) or higher (max) --metric is better; guessed for loss/acc names.",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["epoch", "step"]),
+    help="Index used to order and select. Default: epoch if unique, else step.",
+)
+@click.option(
+    "--glob", "name_glob", metavar="PATTERN", help="Keep only files whose name matches. Example: --glob 'epoch=*'"
+)
 @click.option("--recursive", is_flag=True, help="Descend into subdirectories of directory inputs.")
 @click.option("--key", metavar="PATH", help="Dotted path of the state dict to average. Example: --key state_dict_ema")
-@click.option("--strip-prefix", multiple=True, metavar="P", help="Remove a key prefix (repeatable). Example: --strip-prefix module.")
-@click.option("--weights", callback=_parse_weights, metavar="W1,W2,...", help="Weighted mean, one weight per selected checkpoint in index order. Example: --weights 1,2,3")
-@click.option("--ema", type=float, metavar="DECAY", help="Exponential moving average in index order. Example: --ema 0.9")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), help="Output dtype of floating tensors (default: each tensor's own). Example: --dtype bfloat16")
-@click.option("--accum-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Accumulator dtype.")
-@click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda, cuda:N or mps. Example: --device cuda")
-@click.option("--int-policy", type=click.Choice(["error", "last"]), default="error", show_default=True, help="Non-counter integer tensors that differ: error, or copy from the last checkpoint.")
+@click.option(
+    "--strip-prefix",
+    multiple=True,
+    metavar="P",
+    help="Remove a key prefix (repeatable). Example: --strip-prefix module.",
+)
+@click.option(
+    "--weights",
+    callback=_parse_weights,
+    metavar="W1,W2,...",
+    help="Weighted mean, one weight per selected checkpoint in index order. Example: --weights 1,2,3",
+)
+@click.option(
+    "--ema", type=float, metavar="DECAY", help="Exponential moving average in index order. Example: --ema 0.9"
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+    help="Output dtype of floating tensors (default: each tensor's own). Example: --dtype bfloat16",
+)
+@click.option(
+    "--accum-dtype",
+    type=click.Choice(["float64", "float32"]),
+    default="float64",
+    show_default=True,
+    help="Accumulator dtype.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the arithmetic runs: cpu, cuda, cuda:N or mps. Example: --device cuda",
+)
+@click.option(
+    "--int-policy",
+    type=click.Choice(["error", "last"]),
+    default="error",
+    show_default=True,
+    help="Non-counter integer tensors that differ: error, or copy from the last checkpoint.",
+)
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN or Inf instead of stopping.")
-@click.option("--trust-pickle", is_flag=True, help="Fully unpickle the inputs. RUNS CODE FROM THE FILES: only for files you trust.")
-@click.option("--allow-global", multiple=True, metavar="MODULE.NAME", help="Load this class as itself instead of a placeholder (repeatable). Example: --allow-global my_pkg.Config")
-@click.option("--max-shard-size", metavar="SIZE", help="Shard a directory output. 5GB = 5*10^9 bytes, 5GiB = 5*2^30. Example: -o avg/ --max-shard-size 5GB")
-@click.option("--bn-model", metavar="MODULE:CALLABLE", help="Recompute BatchNorm statistics: a function returning the model. Example: --bn-model train:make_model")
-@click.option("--bn-data", metavar="DATA", help="Batches for --bn-model: MODULE:CALLABLE returning an iterable, or a .pt/.safetensors file of inputs. Example: --bn-data train:loader")
-@click.option("--bn-batch-size", type=int, default=32, show_default=True, help="Batch size when --bn-data is a file of inputs.")
-@click.option("--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Fully unpickle the inputs. RUNS CODE FROM THE FILES: only for files you trust.",
+)
+@click.option(
+    "--allow-global",
+    multiple=True,
+    metavar="MODULE.NAME",
+    help="Load this class as itself instead of a placeholder (repeatable). Example: --allow-global my_pkg.Config",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Shard a directory output. 5GB = 5*10^9 bytes, 5GiB = 5*2^30. Example: -o avg/ --max-shard-size 5GB",
+)
+@click.option(
+    "--bn-model",
+    metavar="MODULE:CALLABLE",
+    help="Recompute BatchNorm statistics: a function returning the model. Example: --bn-model train:make_model",
+)
+@click.option(
+    "--bn-data",
+    metavar="DATA",
+    help="Batches for --bn-model: MODULE:CALLABLE returning an iterable, or a .pt/.safetensors file of"
+    " inputs. Example: --bn-data train:loader",
+)
+@click.option(
+    "--bn-batch-size", type=int, default=32, show_default=True, help="Batch size when --bn-data is a file of inputs."
+)
+@click.option(
+    "--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100"
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or the plan, with --dry-run) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (warnings stay in the --json report).")
@@ -98,19 +180,37 @@ def main(**params: Any) -> None:
 
 def _options(params: dict[str, Any]) -> Options:
     select = SelectOptions(
-        by=params["by"], start=params["start"], end=params["end"], last=params["last"],
-        best=params["best"], metric=params["metric"], mode=params["mode"],
-    )  # fmt: skip
+        by=params["by"],
+        start=params["start"],
+        end=params["end"],
+        last=params["last"],
+        best=params["best"],
+        metric=params["metric"],
+        mode=params["mode"],
+    )
     return Options(
-        recursive=params["recursive"], glob=params["name_glob"], select=select, key=params["key"],
-        strip_prefix=tuple(params["strip_prefix"]), weights=params["weights"], ema=params["ema"],
-        dtype=params["dtype"], accum_dtype=params["accum_dtype"], device=params["device"],
-        int_policy=params["int_policy"], allow_nonfinite=params["allow_nonfinite"],
-        trust_pickle=params["trust_pickle"], allow_global=tuple(params["allow_global"]),
-        force=params["force"], max_shard_size=params["max_shard_size"], hash_files=params["as_json"],
-        bn_model=params["bn_model"], bn_data=params["bn_data"], bn_batch_size=params["bn_batch_size"],
+        recursive=params["recursive"],
+        glob=params["name_glob"],
+        select=select,
+        key=params["key"],
+        strip_prefix=tuple(params["strip_prefix"]),
+        weights=params["weights"],
+        ema=params["ema"],
+        dtype=params["dtype"],
+        accum_dtype=params["accum_dtype"],
+        device=params["device"],
+        int_policy=params["int_policy"],
+        allow_nonfinite=params["allow_nonfinite"],
+        trust_pickle=params["trust_pickle"],
+        allow_global=tuple(params["allow_global"]),
+        force=params["force"],
+        max_shard_size=params["max_shard_size"],
+        hash_files=params["as_json"],
+        bn_model=params["bn_model"],
+        bn_data=params["bn_data"],
+        bn_batch_size=params["bn_batch_size"],
         bn_batches=params["bn_batches"],
-    )  # fmt: skip
+    )
 
 
 def _run(params: dict[str, Any]) -> None:
@@ -126,9 +226,7 @@ def _run(params: dict[str, Any]) -> None:
     if not params["output"]:
         raise click.UsageError("missing -o OUTPUT (or use --dry-run)")
     with _progress(enabled=not quiet and sys.stderr.isatty()) as (progress, on_total):
-        report = average_checkpoints(
-            params["inputs"], params["output"], options, progress=progress, on_total=on_total
-        )
+        report = average_checkpoints(params["inputs"], params["output"], options, progress=progress, on_total=on_total)
     _warn(report, quiet)
     if params["as_json"]:
         click.echo(report.to_json())
@@ -158,8 +256,11 @@ def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[
         bar.total = total
         bar.refresh()
 
+    def advance(count: int) -> None:
+        bar.update(count)
+
     try:
-        yield bar.update, set_total
+        yield advance, set_total
     finally:
         bar.close()
 

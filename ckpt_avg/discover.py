@@ -114,9 +114,7 @@ def _has_zero_files(directory: str) -> bool:
         return False
 
 
-def discover(
-    inputs: Sequence[str], *, recursive: bool = False, name_glob: str | None = None
-) -> Discovery:
+def discover(inputs: Sequence[str], *, recursive: bool = False, name_glob: str | None = None) -> Discovery:
     """Every checkpoint INPUT names, each file once, in the order found.
 
     >>> discover(["ckpts/"]).refs  # doctest: +SKIP
@@ -215,9 +213,14 @@ class _Found:
         if old.name.is_alias and not new.name.is_alias:
             # Keep the name that carries an index: last.ckpt -> epoch=9.ckpt keeps epoch=9.
             self.refs[position] = CheckpointRef(
-                new.display, new.files, new.is_directory, new.explicit or old.explicit,
-                old.order, new.size, new.name,
-            )  # fmt: skip
+                new.display,
+                new.files,
+                new.is_directory,
+                new.explicit or old.explicit,
+                old.order,
+                new.size,
+                new.name,
+            )
             self.skipped.append(Skipped(old.display, f"same file as {new.display}"))
         else:
             self.skipped.append(Skipped(new.display, f"same file as {old.display}"))

@@ -19,9 +19,7 @@ _FAIRSEQ_EPOCH = re.compile(r"^checkpoint" + _INT + r"$")
 _FAIRSEQ_UPDATE = re.compile(r"^checkpoint_" + _INT + "_" + _INT + r"$")
 _DASH_NUMBER = re.compile(r"^checkpoint-" + _INT + r"$")
 _MEGATRON = re.compile(r"^iter_" + _INT + r"$")
-_METRIC = re.compile(
-    r"(?:^|[-_ ])([A-Za-z][\w/.]*?)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=$|[-_ ])"
-)
+_METRIC = re.compile(r"(?:^|[-_ ])([A-Za-z][\w/.]*?)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=$|[-_ ])")
 _ALIAS = re.compile(
     r"^(?:last(?:-v\d+)?|checkpoint_last|checkpoint_best|checkpoint\.best_.*|best(?:-v\d+)?"
     r"|model_best|recovery-.*|tmp|checkpoint_latest|latest)$",

@@ -74,7 +74,8 @@ def human_size(size: int) -> str:
 
 def plan_table(report: Report) -> str:
     """Every candidate with its index, size and whether it is selected (or why not)."""
-    header = ("", report.by if report.by != "order" else "#", "epoch", "step", "size", "file", "")
+    numbered = report.by == "order"
+    header = ("", "#" if numbered else "", "epoch", "step", "size", "file", "")
     rows = [header]
     for c in report.candidates:
         mark = "*" if c.selected else "-"
@@ -85,11 +86,13 @@ def plan_table(report: Report) -> str:
             note = c.reason
         if c.legacy:
             note = (note + "; " if note else "") + "legacy format, loaded whole"
-        rows.append(
-            (mark, _text(c.index), _text(c.epoch), _text(c.step), human_size(c.size), c.path, note)
-        )
+        number = _text(c.index) if numbered else ""
+        rows.append((mark, number, _text(c.epoch), _text(c.step), human_size(c.size), c.path, note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=False) if width) + "  " + r[-1]
+        for r in rows
+    ]
     lines = [line.rstrip() for line in lines]
     chosen = len(report.selected)
     lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, ordered by {report.by}")

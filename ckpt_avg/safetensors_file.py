@@ -41,9 +41,23 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 NAME_OF_DTYPE = {dtype: name for name, dtype in DTYPE_NAMES.items()}
 # The order the safetensors library lays tensors out in: larger alignment first.
 _DTYPE_RANK = {
-    "BOOL": 0, "U8": 1, "I8": 2, "F8_E5M2": 3, "F8_E4M3": 4, "I16": 5, "U16": 6, "F16": 7,
-    "BF16": 8, "I32": 9, "U32": 10, "F32": 11, "C64": 12, "F64": 13, "I64": 14, "U64": 15,
-}  # fmt: skip
+    "BOOL": 0,
+    "U8": 1,
+    "I8": 2,
+    "F8_E5M2": 3,
+    "F8_E4M3": 4,
+    "I16": 5,
+    "U16": 6,
+    "F16": 7,
+    "BF16": 8,
+    "I32": 9,
+    "U32": 10,
+    "F32": 11,
+    "C64": 12,
+    "F64": 13,
+    "I64": 14,
+    "U64": 15,
+}
 
 
 @dataclass(frozen=True)
@@ -83,16 +97,15 @@ def read_header(path: str) -> SafetensorsFile:
     return SafetensorsFile(path, tensors, dict(metadata))
 
 
-def _entry_tensor(
-    path: str, reader: FileReader, name: str, entry: Any, data_start: int, data_size: int
-) -> LazyTensor:
+def _entry_tensor(path: str, reader: FileReader, name: str, entry: Any, data_start: int, data_size: int) -> LazyTensor:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype = DTYPE_NAMES.get(entry.get("dtype"))  # type: ignore[arg-type]
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    shape: list[int] = entry.get("shape")  # type: ignore[assignment]
+    offsets: list[int] = entry.get("data_offsets")  # type: ignore[assignment]
     if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
         raise CheckpointError(f"{where}: shape and data_offsets must be lists of non-negative integers")
     begin, end = offsets
@@ -121,9 +134,12 @@ def _contiguous_strides(shape: list[int] | tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_no_overlap(path: str, spans: list[tuple[int, int, str]]) -> None:
     spans.sort()
-    for (_, end, name), (begin, next_end, next_name) in zip(spans, spans[1:], strict=False):
-        if begin < end and next_end > begin:
-            raise CheckpointError(f"{path}: tensors {name!r} and {next_name!r} overlap in the file")
+    reach, owner = 0, ""
+    for begin, end, name in spans:
+        if begin < reach and end > begin:
+            raise CheckpointError(f"{path}: tensors {owner!r} and {name!r} overlap in the file")
+        if end > reach:
+            reach, owner = end, name
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,9 @@ class HeaderEntry:
     end: int
 
 
-def layout(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[HeaderEntry]]:
+def layout(
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, list[HeaderEntry]]:
     """The header bytes and tensor placement that `safetensors.torch.save_file` would use."""
     order = sorted(entries, key=lambda n: (-_DTYPE_RANK[_dtype_name(entries[n][0], n)], n))
     placed: list[HeaderEntry] = []
@@ -164,7 +182,3 @@ def _dtype_name(dtype: torch.dtype, name: str) -> str:
     if found is None:
         raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
     return found
-
-
-def as_storage_ref(reader: FileReader, offset: int, nbytes: int, dtype: torch.dtype, ident: str) -> StorageRef:
-    return StorageRef(reader, offset, nbytes, dtype, ident)

@@ -147,11 +147,11 @@ def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[
         if not missing and not collisions:
             return kind, skipped
         problems.append(_describe(kind, missing, collisions))
-    if not by and all(c.epoch is None and c.step is None for c in candidates):
-        if all(c.ref.explicit for c in candidates):
-            return "order", []
+    if not by and all(c.epoch is None and c.step is None and c.ref.explicit for c in candidates):
+        return "order", []
     raise SelectionError(
-        "cannot order the checkpoints: " + "; ".join(problems)
+        "cannot order the checkpoints: "
+        + "; ".join(problems)
         + (". Choose the index with --by epoch|step, or narrow the inputs with --glob" if not by else "")
     )
 
@@ -210,7 +210,7 @@ def _best(pool: list[Candidate], by: str, k: int, metric: str, mode: str | None)
         )
     entries = [PlanEntry(c, c.index(by), f"no {metric} recorded") for c in without]
     scored = [c for c in pool if metric in c.metrics]
-    ranked = sorted(scored, key=lambda c: (c.metrics[metric] if direction == "min" else -c.metrics[metric]))
+    ranked = sorted(scored, key=lambda c: c.metrics[metric] if direction == "min" else -c.metrics[metric])
     for c in ranked[k:]:
         entries.append(PlanEntry(c, c.index(by), f"{metric}={c.metrics[metric]:g} not among the --best {k}"))
     for c in without + ranked[k:]:

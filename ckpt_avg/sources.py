@@ -156,7 +156,7 @@ def _as_int(value: Any) -> int | None:
 
 
 def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or isinstance(value, Placeholder):
+    if isinstance(value, bool | Placeholder):
         return None
     if isinstance(value, int | float):
         return float(value)

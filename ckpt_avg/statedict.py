@@ -96,7 +96,9 @@ def get_path(tree: Any, path: Path) -> Any:
 def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoice:
     """Which state dict to average, and which others (EMA) the checkpoint also holds."""
     if key is not None:
-        return _chosen(tree, tuple(key.split(".")), where)
+        chosen = _chosen(tree, tuple(key.split(".")), where)
+        found = _top_level_state_dicts(tree)
+        return StateDictChoice(chosen.primary, tuple((n,) for n in found if (n,) != chosen.primary))
     if is_state_dict(tree):
         return StateDictChoice((), ())
     if not isinstance(tree, Mapping):
@@ -104,11 +106,9 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
             f"{where}: holds a {type(tree).__name__}, not a dict of tensors (a whole pickled model?);"
             " save its state_dict() instead"
         )
-    found = [name for name, value in tree.items() if isinstance(name, str) and is_state_dict(value)]
+    found = _top_level_state_dicts(tree)
     if not found:
-        raise CheckpointError(
-            f"{where}: no state dict found; top-level keys: {_listing(tree)}; pick one with --key"
-        )
+        raise CheckpointError(f"{where}: no state dict found; top-level keys: {_listing(tree)}; pick one with --key")
     preferred = [name for name in PRIMARY_NAMES if name in found]
     others = [name for name in found if name not in preferred[:1]]
     if preferred:
@@ -128,6 +128,12 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
             f" {', '.join(map(repr, unknown))} (choose another with --key)"
         )
     return StateDictChoice((primary,), tuple((name,) for name in others), warning)
+
+
+def _top_level_state_dicts(tree: Any) -> list[str]:
+    if not isinstance(tree, Mapping) or is_state_dict(tree):
+        return []
+    return [name for name, value in tree.items() if isinstance(name, str) and is_state_dict(value)]
 
 
 def _chosen(tree: Any, path: Path, where: str) -> StateDictChoice:

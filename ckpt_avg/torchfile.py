@@ -178,9 +178,7 @@ class TorchZip:
             raise CheckpointError(f"{self.path}: storage record {name!r} is compressed")
         nbytes = numel * itemsize(dtype)
         if nbytes > info.file_size:
-            raise CheckpointError(
-                f"{self.path}: storage record {name!r} holds {info.file_size} bytes, needs {nbytes}"
-            )
+            raise CheckpointError(f"{self.path}: storage record {name!r} holds {info.file_size} bytes, needs {nbytes}")
         offset = self._data_offset(info)
         if offset + info.file_size > self.reader.size:
             raise CheckpointError(f"{self.path}: truncated: record {name!r} ends past the end of file")
@@ -193,7 +191,7 @@ class TorchZip:
         fields = _LOCAL_HEADER.unpack(bytes(header))
         if fields[0] != b"PK\x03\x04":
             raise CheckpointError(f"{self.path}: corrupt zip: bad local header for {info.filename!r}")
-        name_length, extra_length = fields[-2], fields[-1]
+        name_length, extra_length = int(fields[-2]), int(fields[-1])
         return int(info.header_offset) + _LOCAL_HEADER.size + name_length + extra_length
 
 
@@ -276,4 +274,3 @@ def _import_torch(dotted: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
-

@@ -200,7 +200,7 @@ def make_unpickler(
 ) -> pickle.Unpickler:
     unpickler = unpickler_class(resolver)(file, encoding="utf-8")
     if persistent_load is not None:
-        unpickler.persistent_load = persistent_load  # type: ignore[assignment]
+        unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
     return unpickler
 
 
@@ -223,4 +223,3 @@ def loads_checked(file: IO[bytes], resolver: GlobalResolver, where: str, **kwarg
 def is_plain_data(value: Any) -> bool:
     """True for values that pickle without naming any global beyond builtins."""
     return isinstance(value, str | int | float | bool | bytes | type(None) | complex)
-

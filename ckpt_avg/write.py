@@ -289,6 +289,7 @@ class PtWriter:
         return info, zip64
 
     def record(self, name: str, data: bytes) -> None:
+        self.end_storage()
         info, zip64 = self._info(name, len(data))
         with self.zip.open(info, "w", force_zip64=zip64) as handle:
             handle.write(data)

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .average import Digests, Unit
+from .average import Digests
 from .errors import OutputError
 from .lazy import LazyTensor, TensorLeaf, leaf_numel
 from .statedict import TRAINING_STATE_NAMES, get_path
@@ -44,12 +44,25 @@ if TYPE_CHECKING:
 ZERO_DIGEST = "0" * 64
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
 HF_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "image_processor_config.json", "feature_extractor_config.json",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "feature_extractor_config.json",
+)
 
 
 @dataclass
@@ -85,7 +98,7 @@ Runner = Callable[[Any, bool], Digests]
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
-    result = json.loads(json.dumps(provenance))
+    result: dict[str, Any] = json.loads(json.dumps(provenance))
     for position, record in enumerate(result["inputs"]):
         record["tensor_digest"] = digests.inputs[position].hexdigest() if digests else ZERO_DIGEST
     result["output_tensor_digest"] = digests.output.hexdigest() if digests else ZERO_DIGEST
@@ -121,7 +134,9 @@ def _write_safetensors(
         try:
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
             digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
-            final = SafetensorsWriter.header_bytes(entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)})
+            final = SafetensorsWriter.header_bytes(
+                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+            )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
             os.pwrite(file.fileno(), final, 0)
@@ -132,9 +147,7 @@ def _write_safetensors(
     return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
 
 
-def _write_directory(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
-) -> Written:
+def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
     entries = _entries(layout)
     limit = parse_size(options.max_shard_size) if options.max_shard_size else None
     shards = plan_shards(entries, limit)
@@ -218,9 +231,7 @@ def _copy_side_files(layout: Layout, directory: str) -> None:
 # ---------------------------------------------------------------- .pt
 
 
-def _write_pt(
-    output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
-) -> Written:
+def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
     storages: dict[int, OutStorage] = {}
     for visit in layout.visits:
         if visit.compute:
@@ -245,7 +256,9 @@ def _write_pt(
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")
             writer.record("version", b"3\n")
-            writer.record(".data/serialization_id", str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode())
+            writer.record(
+                ".data/serialization_id", str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
+            )
             writer.close()
             finish_file(file)
         except OSError as exc:
@@ -286,6 +299,9 @@ class _TreeBuilder:
     def _node(self, node: Any, path: tuple[str, ...]) -> Any:
         if path in self.layout.names:
             return self._averaged(path)
+        if path in self.layout.choice.others:
+            self.dropped.append(f"{_dotted(path)} (state dict not in every selected checkpoint)")
+            return _DROP
         if isinstance(node, Placeholder):
             self.dropped.append(_dotted(path) + f" ({node.global_name})")
             return _DROP

@@ -35,6 +35,7 @@ SECONDARY_NAMES = (
     "model_ema_state_dict",
     "current_model_state",
     "averaged_model_state",
+    "averaging_state",
     "swa_model",
 )
 # Training state that no longer matches averaged weights: left out of a .pt output.
@@ -126,6 +127,11 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
         warning = (
             f"{where}: averaging {primary!r}; the checkpoint also holds state dicts"
             f" {', '.join(map(repr, unknown))} (choose another with --key)"
+        )
+    if primary == "state_dict" and "current_model_state" in found:
+        warning = (
+            f"{where}: 'state_dict' holds the weights averaged by Lightning's WeightAveraging callback; the raw"
+            " weights are in 'current_model_state' (average those with --key current_model_state)"
         )
     return StateDictChoice((primary,), tuple((name,) for name in others), warning)
 

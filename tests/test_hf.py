@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+import transformers
 from conftest import oracle_mean, run_cli
-
-transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file
 
 STEPS = (900, 1000, 1100)
 

@@ -160,7 +160,8 @@ def test_best_k_by_accuracy_picks_the_highest(tmp_path: Path) -> None:
     _lightning_style(tmp_path, [0.5, 0.9, 0.7, 0.95, 0.1], "val_acc")
     plan = json.loads(run_cli("--dry-run", "--json", tmp_path, "--best", "2", "--metric", "val_acc").stdout)
     assert [c["epoch"] for c in plan["inputs"]] == [1, 3]
-    plan = json.loads(run_cli("--dry-run", "--json", tmp_path, "--best", "2", "--metric", "val_acc", "--mode", "min").stdout)
+    args = ("--dry-run", "--json", tmp_path, "--best", "2", "--metric", "val_acc", "--mode", "min")
+    plan = json.loads(run_cli(*args).stdout)
     assert [c["epoch"] for c in plan["inputs"]] == [0, 4]
 
 
@@ -168,7 +169,9 @@ def test_best_k_reads_the_metric_from_contents(tmp_path: Path) -> None:
     checkpoints = [_timm_checkpoint(epoch) for epoch in range(5)]  # metric: 50, 49, 52, 47, 54
     for epoch, checkpoint in enumerate(checkpoints):
         torch.save(checkpoint, tmp_path / f"checkpoint-{epoch}.pth.tar")
-    plan = json.loads(run_cli("--dry-run", "--json", tmp_path, "--best", "2", "--metric", "metric", "--mode", "max").stdout)
+    plan = json.loads(
+        run_cli("--dry-run", "--json", tmp_path, "--best", "2", "--metric", "metric", "--mode", "max").stdout
+    )
     assert [c["epoch"] for c in plan["inputs"]] == [2, 4]
 
 

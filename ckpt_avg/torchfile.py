@@ -266,7 +266,69 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
         raise CheckpointError(f"{path}: pickle nests too deeply to read") from None
     except Exception as exc:  # noqa: BLE001 - any failure inside a hostile file is a bad file
         raise CheckpointError(f"{path}: cannot read legacy checkpoint: {type(exc).__name__}: {exc}") from None
-    return Unpickled(tree, resolver.placeholders)
+    return Unpickled(_spill(tree, path), resolver.placeholders)
+
+
+def _spill(tree: Any, path: str) -> Any:
+    """Move a legacy file's tensors to a private temp file and leave lazy tensors in their place.
+
+    A legacy file can only be loaded whole; spilling its storages lets the streaming kernel
+    treat it like a zip checkpoint, so only one legacy file is in memory at a time.
+    """
+    import atexit
+    import tempfile
+
+    handle = tempfile.NamedTemporaryFile(prefix="ckpt-avg-legacy-", suffix=".bin", delete=False)  # noqa: SIM115
+    atexit.register(_remove_quietly, handle.name)
+    reader: FileReader | None = None
+    storages: dict[int, StorageRef] = {}
+
+    def lazy(tensor: torch.Tensor) -> LazyTensor:
+        nonlocal reader
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in storages:
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            offset = handle.tell()
+            handle.write(memoryview(raw))
+            storages[key] = StorageRef(_Pending(), offset, storage.nbytes(), tensor.dtype, f"{path}\0{key}")
+        ref = storages[key]
+        return LazyTensor(ref, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, torch.Tensor):
+            return lazy(node)
+        if isinstance(node, dict):
+            for key, value in list(node.items()):
+                node[key] = walk(value)
+            return node
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, tuple):
+            return tuple(walk(v) for v in node)
+        return node
+
+    try:
+        result = walk(tree)
+        handle.flush()
+    finally:
+        handle.close()
+    reader = FileReader(handle.name)
+    for ref in storages.values():
+        object.__setattr__(ref, "reader", reader)
+    return result
+
+
+class _Pending:
+    """The reader of a spilled storage before its temp file is complete."""
+
+
+def _remove_quietly(path: str) -> None:
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _import_torch(dotted: str) -> Any:

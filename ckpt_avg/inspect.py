@@ -165,7 +165,13 @@ def inspect_checkpoints(
     position, note = suggest_start(prev, band=band)
     suggestion = None
     if position is not None:
-        suggestion = _suggestion(position, inspected, prev, band, run.plan.by, inputs, options)
+        differing = differing_integers(layout.primary_units, position, chunk_elements)
+        if differing:
+            run.warnings.append(
+                f"integer tensor(s) {', '.join(map(repr, differing))} differ between the checkpoints the suggestion"
+                " averages; the suggested command copies them from the last (--int-policy last)"
+            )
+        suggestion = _suggestion(position, inspected, prev, band, run.plan.by, inputs, options, bool(differing))
         if not suggestion.settled:
             note = "a step in the tail itself leaves the band: the run may not have settled yet"
     return Inspection(
@@ -212,6 +218,21 @@ def weight_drift(
     return drift_prev, drift_last
 
 
+def differing_integers(units: Sequence[Unit], first: int, chunk_elements: int = CHUNK_ELEMENTS) -> list[str]:
+    """Integer tensors (not counters) that differ among checkpoints `first` .. T: the main command refuses them."""
+    names: list[str] = []
+    for unit in units:
+        leaves = unit.leaves[first:]
+        if unit.kind != "int" or len(leaves) < 2:
+            continue
+        for start, size in _chunks(leaves, chunk_elements):
+            reference = read_leaf_range(leaves[-1], start, size)
+            if any(not torch.equal(read_leaf_range(leaf, start, size), reference) for leaf in leaves[:-1]):
+                names.append(unit.names[0])
+                break
+    return names
+
+
 def _chunks(leaves: Sequence[TensorLeaf], chunk_elements: int) -> list[tuple[int, int]]:
     total = leaf_numel(leaves[0])
     if any(isinstance(x, LazyTensor) and not x.is_contiguous() for x in leaves):
@@ -239,8 +260,8 @@ def suggest_start(drift_prev: Sequence[float | None], *, band: float = DEFAULT_B
     The tail is the last quarter of the steps (at least 2); the threshold is `band` times
     their median; the suggestion is the checkpoint that ends the last step above it.
 
-    >>> suggest_start([None, 1.0, 0.5, 0.01, 0.012, 0.011, 0.01])
-    (3, '')
+    >>> suggest_start([None, 1.0, 0.5, 0.01, 0.012, 0.011, 0.01])  # checkpoint 2 ends the last big step
+    (2, '')
     """
     steps = [math.nan if d is None else d for d in drift_prev[1:]]
     if len(steps) + 1 < MIN_CHECKPOINTS:
@@ -266,6 +287,7 @@ def _suggestion(
     by: str,
     inputs: Sequence[str],
     options: Options,
+    int_policy_last: bool,
 ) -> Suggestion:
     steps = [d if d is not None else math.nan for d in drift_prev[1:]]
     tail = steps[-tail_length(len(steps)) :]
@@ -275,11 +297,15 @@ def _suggestion(
     return Suggestion(
         position=position, start=start, count=count, band=band, tail_median=median, tail_steps=len(tail),
         threshold=band * median, settled=position < len(steps) + 1 - len(tail),
-        command=suggested_command(inputs, options, start=start, last=count if start is None else None),
+        command=suggested_command(
+            inputs, options, start=start, last=count if start is None else None, int_policy_last=int_policy_last
+        ),
     )  # fmt: skip
 
 
-def suggested_command(inputs: Sequence[str], options: Options, *, start: int | None, last: int | None) -> str:
+def suggested_command(
+    inputs: Sequence[str], options: Options, *, start: int | None, last: int | None, int_policy_last: bool = False
+) -> str:
     """The `ckpt-avg` command line that averages from the suggested start, ready to paste."""
     words = ["ckpt-avg"]
     words += ["--start", str(start)] if start is not None else ["--last", str(last)]
@@ -296,6 +322,8 @@ def suggested_command(inputs: Sequence[str], options: Options, *, start: int | N
         words += ["--key", options.key]
     for prefix in options.strip_prefix:
         words += ["--strip-prefix", prefix]
+    if int_policy_last:
+        words += ["--int-policy", "last"]
     if options.trust_pickle:
         words.append("--trust-pickle")
     for name in options.allow_global:
@@ -470,10 +498,11 @@ def plot_inspection(inspection: Inspection, path: str) -> None:
 
 def _figure(inspection: Inspection) -> Figure:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = inspection.inspected
     xs = [r.index if r.index is not None else i for i, r in enumerate(rows)]
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = Figure(figsize=(8, 5), layout="constrained")
     ax = figure.subplots()
     prev = [_positive(r.drift_prev) for r in rows]
     last = [_positive(r.drift_last) for r in rows]
@@ -489,8 +518,9 @@ def _figure(inspection: Inspection) -> Figure:
     ax.set_xlabel(inspection.by if inspection.by != "order" else "checkpoint (command-line order)")
     ax.set_ylabel("relative L2 drift")
     ax.grid(True, which="major", alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles += _metric_lines(ax, xs, rows, shown_metrics(inspection))
-    ax.legend(handles=handles, loc="upper right", fontsize="small")
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
     ax.set_title(f"ckpt-avg inspect: {len(rows)} checkpoints, {inspection.parameters:,} parameters")
     return figure
 
@@ -516,6 +546,7 @@ __all__ = [
     "Inspection",
     "Row",
     "Suggestion",
+    "differing_integers",
     "inspect_checkpoints",
     "inspection_table",
     "plot_inspection",

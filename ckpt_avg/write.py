@@ -315,6 +315,11 @@ class PtWriter:
         self.end_storage()
         self.zip.close()
 
+    def abandon(self) -> None:
+        """Forget a half-written archive, so that closing it later writes nothing."""
+        self._open = None
+        self.zip.fp = None
+
 
 class PtSink:
     """Streams averaged units into storage records, in the order the kernel produces them."""

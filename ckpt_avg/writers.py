@@ -243,8 +243,8 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     dropped = builder.dropped + _drop_unpicklable(tree, nested)
     archive = os.path.splitext(os.path.basename(output))[0] or "archive"
     with _temp_file(output) as (temp, file):
+        writer = PtWriter(file, archive)
         try:
-            writer = PtWriter(file, archive)
             digests = run(PtSink(writer, storages), False)
             writer.end_storage()
             for storage, leaf in builder.extras:
@@ -256,15 +256,22 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")
             writer.record("version", b"3\n")
-            writer.record(
-                ".data/serialization_id", str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
-            )
+            writer.record(".data/serialization_id", _serialization_id(digests))
             writer.close()
             finish_file(file)
         except OSError as exc:
+            writer.abandon()
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
+        except BaseException:
+            writer.abandon()
+            raise
         commit(temp, output, force=options.force)
     return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
+
+
+def _serialization_id(digests: Digests) -> bytes:
+    # torch.save writes a random id; ours derives from the data so re-runs are byte-identical.
+    return str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
 
 
 class _TreeBuilder:

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .average import AverageOptions, Digests, Engine, Unit, Visit, classify, mixing_weights
-from .discover import CheckpointRef, discover
+from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import CheckpointError, MismatchError, OutputError, UsageError
 from .lazy import TensorLeaf, leaf_numel, leaf_shape, leaf_tie_key
 from .naming import PYTORCH_SUFFIXES
@@ -104,7 +104,7 @@ def average_checkpoints(
     options = _merge(options or Options(), choices)
     _validate(options, output)
     started = time.monotonic()
-    run = _Run(inputs, options)
+    run = _Run(inputs, options, output)
     _check_output(output, run.plan, options)
     run.open_selected()
     layout = run.layout(output)
@@ -297,11 +297,13 @@ class Layout:
 class _Run:
     """One invocation's state between the stages."""
 
-    def __init__(self, inputs: Sequence[str], options: Options) -> None:
+    def __init__(self, inputs: Sequence[str], options: Options, output: str | None = None) -> None:
         self.options = options
         self.policy = PicklePolicy(trust=options.trust_pickle, extra_allowed=frozenset(options.allow_global))
-        self.discovery = discover(inputs, recursive=options.recursive, name_glob=options.glob)
-        self._opened: dict[int, OpenedCheckpoint] = {}
+        self._opened: dict[str, OpenedCheckpoint] = {}
+        self.discovery = _without_earlier_output(
+            discover(inputs, recursive=options.recursive, name_glob=options.glob), output, self._open
+        )
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
         self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
@@ -310,9 +312,9 @@ class _Run:
         self.choice: StateDictChoice | None = None
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
-        if ref.order not in self._opened:
-            self._opened[ref.order] = open_checkpoint(ref, self.policy)
-        return self._opened[ref.order]
+        if ref.display not in self._opened:
+            self._opened[ref.display] = open_checkpoint(ref, self.policy)
+        return self._opened[ref.display]
 
     def _candidate(self, ref: CheckpointRef) -> Candidate:
         info = ref.name
@@ -401,7 +403,7 @@ class _Run:
         records = []
         for entry in self.plan.entries:
             c = entry.candidate
-            opened = self._opened.get(c.ref.order)
+            opened = self._opened.get(c.ref.display)
             records.append(
                 CandidateRecord(
                     path=c.ref.display,
@@ -426,6 +428,32 @@ class _Run:
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
         )
+
+
+def _without_earlier_output(
+    found: Discovery, output: str | None, open_ref: Callable[[CheckpointRef], OpenedCheckpoint]
+) -> Discovery:
+    """Leave out a file found in a directory that is OUTPUT and was written by an earlier run.
+
+    Rerunning `ckpt-avg ckpts/ -o ckpts/avg.pt` must not average the previous average. A
+    found file that is OUTPUT but not ours stays, and is refused as an input later.
+    """
+    if output is None:
+        return found
+    target = os.path.realpath(output.rstrip("/") or output)
+    refs, skipped = [], list(found.skipped)
+    for ref in found.refs:
+        if not ref.explicit and os.path.realpath(ref.display) == target and _is_our_output(open_ref(ref)):
+            skipped.append(Skipped(ref.display, "OUTPUT of an earlier ckpt-avg run"))
+        else:
+            refs.append(ref)
+    return Discovery(tuple(refs), tuple(skipped))
+
+
+def _is_our_output(opened: OpenedCheckpoint) -> bool:
+    if "ckpt_avg" in opened.safetensors_metadata:
+        return True
+    return isinstance(opened.tree, dict) and isinstance(opened.tree.get("ckpt_avg"), dict)
 
 
 def _has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:

@@ -70,16 +70,20 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--end", type=int, metavar="N", help="Keep index <= N. Example: --end 48")
 @click.option("--last", type=int, metavar="K", help="Then keep only the K highest indices. Example: --last 5")
 @click.option("--best", type=int, metavar="K", help="Keep the K best by --metric. Example: --best 3 --metric val_loss")
-@click.option("--metric", metavar="NAME", help="Metric for --best, read from the name (val_loss=0.23) or contents.")
+@click.option(
+    "--metric",
+    metavar="NAME",
+    help="Metric for --best, read from the name (val_loss=0.23) or contents. Example: --metric val_loss",
+)
 @click.option(
     "--mode",
     type=click.Choice(["min", "max"]),
-    help="Whether lower (min) or higher (max) --metric is better; guessed for loss/acc names.",
+    help="Whether lower (min) or higher (max) --metric is better; guessed for loss/acc names. Example: --mode max",
 )
 @click.option(
     "--by",
     type=click.Choice(["epoch", "step"]),
-    help="Index used to order and select. Default: epoch if unique, else step.",
+    help="Index used to order and select. Default: epoch if unique, else step. Example: --by step",
 )
 @click.option(
     "--glob", "name_glob", metavar="PATTERN", help="Keep only files whose name matches. Example: --glob 'epoch=*'"
@@ -111,7 +115,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     type=click.Choice(["float64", "float32"]),
     default="float64",
     show_default=True,
-    help="Accumulator dtype.",
+    help="Accumulator dtype (float32 is faster, not exact). Example: --accum-dtype float32",
 )
 @click.option(
     "--device",
@@ -124,7 +128,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     type=click.Choice(["error", "last"]),
     default="error",
     show_default=True,
-    help="Non-counter integer tensors that differ: error, or copy from the last checkpoint.",
+    help="Non-counter integer tensors that differ: error, or copy from the last checkpoint. Example: --int-policy last",
 )
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN or Inf instead of stopping.")
 @click.option(
@@ -155,7 +159,11 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     " inputs. Example: --bn-data train:loader",
 )
 @click.option(
-    "--bn-batch-size", type=int, default=32, show_default=True, help="Batch size when --bn-data is a file of inputs."
+    "--bn-batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Batch size when --bn-data is a file of inputs. Example: --bn-batch-size 64",
 )
 @click.option(
     "--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100"

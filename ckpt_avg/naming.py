@@ -14,7 +14,7 @@ PYTORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
 
 _INT = r"0*(\d+)"
 _EPOCH = re.compile(r"(?:^|[^a-z])epoch[=_-]?" + _INT + r"(?![\d.])", re.IGNORECASE)
-_STEP = re.compile(r"(?:^|[^a-z_])(?:global_)?step[=_-]?" + _INT + r"(?![\d.])", re.IGNORECASE)
+_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?step[=_-]?" + _INT + r"(?![\d.])", re.IGNORECASE)
 _FAIRSEQ_EPOCH = re.compile(r"^checkpoint" + _INT + r"$")
 _FAIRSEQ_UPDATE = re.compile(r"^checkpoint_" + _INT + "_" + _INT + r"$")
 _DASH_NUMBER = re.compile(r"^checkpoint-" + _INT + r"$")

@@ -7,9 +7,11 @@ library writes, and every output is compared element for element with the float6
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import leftovers, oracle_mean, run_cli
+from safetensors.torch import load_file, save_file
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPOCHS = 5
@@ -322,13 +323,23 @@ def _with_differing_int(tmp_path: Path) -> Run:
 def test_differing_integer_tensor_is_an_error(tmp_path: Path) -> None:
     run = _with_differing_int(tmp_path)
     out = tmp_path / "avg.pt"
-    result = run_cli(run.directory, "-o", out, expect=1)
-    first_line = result.stderr.splitlines()[0]
-    assert first_line.startswith("Error: ")
-    assert "'vocab_map'" in first_line and "epoch_4.pt" in first_line and "--int-policy last" in first_line
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert leftovers(tmp_path) == []
+    unraisable: list[Any] = []
+    previous, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        result = run_cli(run.directory, "-o", out, expect=1)
+        first_line = result.stderr.splitlines()[0]
+        assert first_line.startswith("Error: ")
+        assert "'vocab_map'" in first_line and "epoch_4.pt" in first_line and "--int-policy last" in first_line
+        assert "Traceback" not in result.output
+        assert not out.exists()
+        assert leftovers(tmp_path) == []
+        del result
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    # The half-written output archive must be closed on the error path, not left for the garbage
+    # collector, whose ZipFile.__del__ then prints "Exception ignored in ..." and a traceback.
+    assert [f"{u.object}: {u.exc_value!r}" for u in unraisable] == []
 
 
 def test_int_policy_last(tmp_path: Path) -> None:
@@ -366,7 +377,9 @@ def test_legacy_inputs(tmp_path: Path) -> None:
     directory.mkdir()
     states = [model_state(k, torch.float16) for k in range(EPOCHS)]
     for k, sd in enumerate(states):
-        torch.save({"epoch": k, "model_state_dict": sd}, directory / f"epoch_{k}.pt", _use_new_zipfile_serialization=False)
+        torch.save(
+            {"epoch": k, "model_state_dict": sd}, directory / f"epoch_{k}.pt", _use_new_zipfile_serialization=False
+        )
     plan = run_cli("--dry-run", directory).stdout
     assert plan.count("legacy") >= EPOCHS
     out = tmp_path / "avg.pt"

@@ -97,7 +97,9 @@ def test_aliases(name: str) -> None:
     assert (info.epoch, info.step) == (None, None)
 
 
-@pytest.mark.parametrize("name", ["lastname.ckpt", "epoch=3-last.ckpt", "checkpoint3.pt", "model.pt", "best_model_weights_v2.pt"])
+@pytest.mark.parametrize(
+    "name", ["lastname.ckpt", "epoch=3-last.ckpt", "checkpoint3.pt", "model.pt", "best_model_weights_v2.pt"]
+)
 def test_not_aliases(name: str) -> None:
     assert not parse_name(name).is_alias
 

@@ -183,14 +183,24 @@ def test_alias_without_any_index_is_skipped() -> None:
 def test_fairseq_aliases_and_best_with_metric_in_name() -> None:
     names = [f"checkpoint{k}.pt" for k in range(1, 6)]
     names += ["checkpoint_best.pt", "checkpoint_last.pt", "checkpoint.best_bleu_28.5.pt"]
-    contents = {"checkpoint_best.pt": (3, None), "checkpoint_last.pt": (5, None), "checkpoint.best_bleu_28.5.pt": (3, None)}
+    contents = {
+        "checkpoint_best.pt": (3, None),
+        "checkpoint_last.pt": (5, None),
+        "checkpoint.best_bleu_28.5.pt": (3, None),
+    }
     plan = make_plan(candidates(names, contents=contents), SelectOptions())
     assert selected_names(plan) == [f"checkpoint{k}.pt" for k in range(1, 6)]
     assert set(reasons(plan)) == {"checkpoint_best.pt", "checkpoint_last.pt", "checkpoint.best_bleu_28.5.pt"}
 
 
 def test_fairseq_end_of_epoch_beats_mid_epoch() -> None:
-    names = ["checkpoint5.pt", "checkpoint6.pt", "checkpoint_6_182000.pt", "checkpoint_6_181000.pt", "checkpoint_7_200000.pt"]
+    names = [
+        "checkpoint5.pt",
+        "checkpoint6.pt",
+        "checkpoint_6_182000.pt",
+        "checkpoint_6_181000.pt",
+        "checkpoint_7_200000.pt",
+    ]
     plan = make_plan(candidates(names), SelectOptions())
     assert plan.by == "epoch"
     # Epoch 7 has only a mid-epoch checkpoint: it is kept.
@@ -236,7 +246,9 @@ def test_collisions_on_both_indices_name_the_files() -> None:
 
 def test_collision_under_explicit_by_is_an_error() -> None:
     names = ["epoch=1-step=100.ckpt", "epoch=1-step=200.ckpt"]
-    with pytest.raises(SelectionError, match=r"epoch 1 is shared by ckpts/epoch=1-step=100\.ckpt and ckpts/epoch=1-step=200\.ckpt"):
+    with pytest.raises(
+        SelectionError, match=r"epoch 1 is shared by ckpts/epoch=1-step=100\.ckpt and ckpts/epoch=1-step=200\.ckpt"
+    ):
         make_plan(candidates(names), SelectOptions(by="epoch"))
 
 

@@ -1,0 +1,76 @@
+"""ckpt-avg reproduces Lightning's own StochasticWeightAveraging from the per-epoch checkpoints.
+
+SPEC 1.3: with swa_epoch_start=S and max_epochs=M, Lightning averages the end-of-epoch
+weights of epochs S-2 ... M-2, so `--start S-2 --end M-2` gives the same model. Lightning
+keeps a float32 running mean, so the match is to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_cli
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from safetensors.torch import load_file
+
+SWA_START, MAX_EPOCHS = 6, 10
+
+
+class Regressor(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def swa_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("swa")
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=MAX_EPOCHS,
+        callbacks=[
+            ModelCheckpoint(dirpath=root / "ckpts", save_top_k=-1, filename="{epoch}"),
+            StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=SWA_START),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(model, data)
+    return root / "ckpts", {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_start_s_minus_2_end_m_minus_2_reproduces_lightning_swa(
+    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ckpts, lightning_average = swa_run
+    out = tmp_path / "swa.safetensors"
+    run_cli("--start", SWA_START - 2, "--end", MAX_EPOCHS - 2, ckpts, "-o", out)
+    ours = load_file(out)
+    assert set(ours) == set(lightning_average)
+    for key, value in ours.items():
+        torch.testing.assert_close(value, lightning_average[key], rtol=1e-6, atol=1e-6)
+
+
+def test_a_neighbouring_window_does_not_match(
+    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ckpts, lightning_average = swa_run
+    out = tmp_path / "off_by_one.safetensors"
+    run_cli("--start", SWA_START - 1, "--end", MAX_EPOCHS - 1, ckpts, "-o", out)
+    ours = load_file(out)
+    assert max((ours[k] - lightning_average[k]).abs().max().item() for k in ours) > 1e-3

@@ -151,6 +151,7 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         max_batches=options.bn_batches,
         device=options.device,
         hyper_parameters=hyper_parameters,
+        warn=run.warnings.append,
     )
     return recomputed
 
@@ -207,6 +208,10 @@ def _validate(options: Options, output: str | None = None) -> None:
     check_device(options.device)
     if (options.bn_model is None) != (options.bn_data is None):
         raise UsageError("--bn-model and --bn-data go together: give both to recompute BatchNorm statistics")
+    if options.bn_model is not None and options.bn_data is not None:
+        from .bn import validate_specs
+
+        validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
     if output is not None:

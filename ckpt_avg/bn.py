@@ -35,7 +35,7 @@ from torch.nn.parameter import is_lazy
 
 from .errors import CheckpointError, CkptAvgError, UsageError
 
-__all__ = ["BatchNormError", "recompute_batchnorm", "update_batchnorm"]
+__all__ = ["BatchNormError", "recompute_batchnorm", "update_batchnorm", "validate_specs"]
 
 DATA_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 EXAMPLES = {"--bn-model": "train:make_model", "--bn-data": "train:bn_batches or inputs.pt"}
@@ -80,12 +80,9 @@ def recompute_batchnorm(
         ...     hyper_parameters={"hidden": 256})
     """
     warn = warn or _warn
-    if data_spec is None:
-        raise UsageError("--bn-model needs --bn-data: the batches to recompute the BatchNorm statistics on")
+    data_spec = validate_specs(model_spec, data_spec)
     model_factory = _parse_callable_spec(model_spec, "--bn-model")
     data_factory = None if _is_data_file(data_spec) else _parse_callable_spec(data_spec, "--bn-data")
-    if data_factory is None and not Path(data_spec).is_file():
-        raise UsageError(f"--bn-data {data_spec}: no such file")
     with _current_dir_importable():
         model = _build_model(model_factory, model_spec, hyper_parameters)
         _load_averaged(model, state_dict, model_spec)
@@ -101,6 +98,21 @@ def recompute_batchnorm(
     for name in _unfed_layers(model):
         warn(f"BatchNorm layer {name!r} received no batch during the recompute; its statistics are the reset ones")
     return _statistics(model)
+
+
+def validate_specs(model_spec: str, data_spec: str | None) -> str:
+    """Usage errors in --bn-model/--bn-data found without importing anything; returns the data spec.
+
+    Cheap enough to run before the averaging, so a typo does not wait for a large model.
+    """
+    if data_spec is None:
+        raise UsageError("--bn-model needs --bn-data: the batches to recompute the BatchNorm statistics on")
+    _split_spec(model_spec, "--bn-model")
+    if not _is_data_file(data_spec):
+        _split_spec(data_spec, "--bn-data")
+    elif not Path(data_spec).is_file():
+        raise UsageError(f"--bn-data {data_spec}: no such file")
+    return data_spec
 
 
 @torch.no_grad()
@@ -243,8 +255,8 @@ def _accepted_kwargs(factory: Callable[..., Any], hyper_parameters: dict[str, An
 def _load_averaged(model: nn.Module, state_dict: dict[str, torch.Tensor], spec: str) -> None:
     """A strict load, with an error that names the first keys that differ and the fix."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
     problems = []
     if missing:
         problems.append(f"missing from the checkpoints: {_some(missing)}")
@@ -331,8 +343,7 @@ def _load_inputs(path: str) -> torch.Tensor:
 # --- importing the user's code -----------------------------------------------------------
 
 
-def _parse_callable_spec(spec: str, option: str) -> Any:
-    """Import MODULE and return its attribute CALLABLE (dotted names allowed on both sides)."""
+def _split_spec(spec: str, option: str) -> tuple[str, str]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         wanted = "MODULE:CALLABLE or a .pt/.safetensors file" if option == "--bn-data" else "MODULE:CALLABLE"
@@ -341,6 +352,12 @@ def _parse_callable_spec(spec: str, option: str) -> Any:
         raise UsageError(
             f"{option} {spec}: name a module, not a file (run from its directory: {Path(module_name).stem}:{attribute})"
         )
+    return module_name, attribute
+
+
+def _parse_callable_spec(spec: str, option: str) -> Any:
+    """Import MODULE and return its attribute CALLABLE (dotted names allowed on both sides)."""
+    module_name, attribute = _split_spec(spec, option)
     with _current_dir_importable():
         module = _import(module_name, spec, option)
     target: Any = module

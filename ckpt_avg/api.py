@@ -254,17 +254,16 @@ def _validate_output_name(output: str, options: Options) -> None:
 
 
 def _check_output(output: str, plan: Plan, options: Options) -> None:
+    """OUTPUT must not be any checkpoint found, selected or not: --force must never eat a run."""
     target = output.rstrip("/") or output
-    for candidate in plan.selected:
-        for path in (candidate.ref.display, *candidate.ref.files):
-            if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
-                raise OutputError(
-                    f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name"
-                )
-            if os.path.realpath(target) == os.path.realpath(path):
-                raise OutputError(
-                    f"{output}: OUTPUT is one of the inputs ({candidate.ref.display}); choose another name"
-                )
+    for entry in plan.entries:
+        ref = entry.candidate.ref
+        for path in (ref.display, *ref.files):
+            same = os.path.realpath(target) == os.path.realpath(path) or (
+                os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path)
+            )
+            if same:
+                raise OutputError(f"{output}: OUTPUT is one of the inputs ({ref.display}); choose another name")
     if os.path.lexists(target) and not options.force:
         raise OutputError(f"{output}: already exists (use --force to overwrite)")
 

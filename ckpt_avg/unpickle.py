@@ -82,7 +82,9 @@ _ALLOWED: tuple[str, ...] = (
     "omegaconf.nodes.BytesNode",
     "omegaconf.nodes.PathNode",
 )
-_ALLOWED_MODULE_PREFIXES = ("numpy.dtypes.",)
+# numpy pickles dtypes by their class in numpy.dtypes (Float64DType, ...): only those
+# plain class names, never an attribute path (numpy.dtypes.__loader__.set_data writes files).
+_ALLOWED_DTYPE_MODULE = "numpy.dtypes"
 # Names a pickle may give for a module that moved (protocol 2 pickles from Python 2 too).
 _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg", "pathlib._local": "pathlib"}
 
@@ -172,7 +174,7 @@ class GlobalResolver:
             return self.overrides[full]
         if self.policy.trust:
             return _import_global(module, name)
-        if full in _ALLOWED or full in self.policy.extra_allowed or full.startswith(_ALLOWED_MODULE_PREFIXES):
+        if full in _ALLOWED or full in self.policy.extra_allowed or _is_numpy_dtype_class(module, name):
             try:
                 return _import_global(module, name)
             except (ImportError, AttributeError):
@@ -191,6 +193,10 @@ def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
             return resolver.resolve(module, name)
 
     return RestrictedUnpickler
+
+
+def _is_numpy_dtype_class(module: str, name: str) -> bool:
+    return module == _ALLOWED_DTYPE_MODULE and name.isidentifier() and name.endswith("DType")
 
 
 def make_unpickler(

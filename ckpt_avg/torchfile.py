@@ -237,6 +237,8 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
     """Load a pre-zip checkpoint whole, through torch, with our restricted unpickler."""
     import types
 
+    _refuse_odd_tar(path)
+
     from .unpickle import unpickler_class
 
     real_rebuilds = {
@@ -269,6 +271,21 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
     return Unpickled(_spill(tree, path), resolver.placeholders)
 
 
+def _refuse_odd_tar(path: str) -> None:
+    """The oldest torch format is a tar; a member that is not a regular file could block a read."""
+    import tarfile
+
+    try:
+        if not tarfile.is_tarfile(path):
+            return
+        with tarfile.open(path) as archive:
+            odd = [m.name for m in archive.getmembers() if not m.isfile()]
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: corrupt legacy tar checkpoint: {exc}") from None
+    if odd:
+        raise CheckpointError(f"{path}: legacy tar checkpoint has members that are not regular files: {odd[0]!r}")
+
+
 def _spill(tree: Any, path: str) -> Any:
     """Move a legacy file's tensors to a private temp file and leave lazy tensors in their place.
 
@@ -293,7 +310,7 @@ def _spill(tree: Any, path: str) -> Any:
             handle.write(memoryview(raw))
             storages[key] = StorageRef(_Pending(), offset, storage.nbytes(), tensor.dtype, f"{path}\0{key}")
         ref = storages[key]
-        return LazyTensor(ref, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        return LazyTensor(ref, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
 
     def walk(node: Any) -> Any:
         if isinstance(node, torch.Tensor):

@@ -174,6 +174,8 @@ class GlobalResolver:
             return self.overrides[full]
         if self.policy.trust:
             return _import_global(module, name)
+        if full in _SIZED:
+            return _SIZED[full]
         if full in _ALLOWED or full in self.policy.extra_allowed or _is_numpy_dtype_class(module, name):
             try:
                 return _import_global(module, name)
@@ -193,6 +195,23 @@ def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
             return resolver.resolve(module, name)
 
     return RestrictedUnpickler
+
+
+_MAX_CONSTRUCTED_BYTES = 1 << 26
+
+
+def _bounded(kind: type[bytes] | type[bytearray]) -> Any:
+    """bytes(N) / bytearray(N) allocate N zero bytes: a pickle must not size our memory."""
+
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], int) and not 0 <= args[0] <= _MAX_CONSTRUCTED_BYTES:
+            raise UnsafePickleError(f"pickle asks for a {kind.__name__} of {args[0]} bytes")
+        return kind(*args)
+
+    return build
+
+
+_SIZED = {"builtins.bytes": _bounded(bytes), "builtins.bytearray": _bounded(bytearray)}
 
 
 def _is_numpy_dtype_class(module: str, name: str) -> bool:
@@ -216,8 +235,8 @@ def loads_checked(file: IO[bytes], resolver: GlobalResolver, where: str, **kwarg
 
     try:
         return make_unpickler(file, resolver, **kwargs).load()
-    except UnsafePickleError:
-        raise
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{where}: {exc}") from None
     except RecursionError:
         raise CheckpointError(f"{where}: pickle nests too deeply to read") from None
     except MemoryError:

@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from .average import Digests
-from .errors import OutputError
+from .errors import CheckpointError, OutputError
 from .lazy import LazyTensor, TensorLeaf, leaf_numel
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
@@ -35,6 +35,7 @@ from .write import (
     pickle_tree,
     plan_shards,
     shard_file_names,
+    signals_deferred,
     temp_path_for,
 )
 
@@ -112,17 +113,26 @@ def _provenance_text(provenance: dict[str, Any], digests: Digests | None) -> str
 @contextlib.contextmanager
 def _temp_file(output: str) -> Iterator[tuple[str, IO[bytes]]]:
     temp = temp_path_for(output)
-    file = open_temp(temp)
+    file: IO[bytes] | None = None
     try:
+        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp file
+            file = open_temp(temp)
         yield temp, file
     except BaseException:
-        file.close()
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()  # flushing may fail again (disk full); the temp goes regardless
         discard(temp)
         raise
 
 
 def _entries(layout: Layout) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     units = layout.names[layout.choice.primary]
+    if "__metadata__" in units:
+        raise CheckpointError(
+            f"{layout.opened[-1].ref.display}: a tensor named '__metadata__' cannot be stored in safetensors;"
+            " write a .pt output instead"
+        )
     return {name: (unit.out_dtype, unit.shape) for name, unit in units.items()}
 
 
@@ -141,9 +151,9 @@ def _write_safetensors(
                 raise AssertionError("provenance changed the header length")
             os.pwrite(file.fileno(), final, 0)
             finish_file(file)
+            commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-        commit(temp, output, force=options.force)
     return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
 
 
@@ -153,43 +163,63 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     shards = plan_shards(entries, limit)
     file_names = shard_file_names(len(shards))
     temp = temp_path_for(output)
-    try:
-        os.mkdir(temp)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
     files: list[IO[bytes]] = []
     try:
-        writers: dict[str, SafetensorsWriter] = {}
-        single = len(shards) == 1
-        for names, file_name in zip(shards, file_names, strict=True):
-            file = open_temp(os.path.join(temp, file_name))
-            files.append(file)
-            metadata = {"format": "pt"}
-            if single:
-                metadata["ckpt_avg"] = _provenance_text(provenance, None)
-            shard_entries = {n: entries[n] for n in names}
-            writer = SafetensorsWriter(file, shard_entries, metadata)
-            writers.update(dict.fromkeys(names, writer))
-        digests = run(SafetensorsSink(writers), True)
-        if single:
-            only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
-            os.pwrite(files[0].fileno(), SafetensorsWriter.header_bytes(entries, only), 0)
-        else:
-            _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
-        for file in files:
-            finish_file(file)
-        _copy_side_files(layout, temp)
-        commit(temp, output, force=options.force)
+        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
+            os.mkdir(temp)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
     except BaseException:
+        discard(temp)
+        raise
+    try:
+        digests = _fill_directory(temp, layout, entries, shards, file_names, provenance, run, files)
+        commit(temp, output, force=options.force)
+    except BaseException as exc:
         for file in files:
             with contextlib.suppress(OSError):
                 file.close()
         discard(temp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
         raise
     written = [os.path.join(output, n) for n in file_names]
     if len(shards) > 1:
         written.append(os.path.join(output, "model.safetensors.index.json"))
     return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+
+
+def _fill_directory(
+    temp: str,
+    layout: Layout,
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    shards: list[list[str]],
+    file_names: list[str],
+    provenance: dict[str, Any],
+    run: Runner,
+    files: list[IO[bytes]],
+) -> Digests:
+    """Write every shard (and the index) into the temp directory; `files` collects open handles."""
+    writers: dict[str, SafetensorsWriter] = {}
+    single = len(shards) == 1
+    for names, file_name in zip(shards, file_names, strict=True):
+        file = open_temp(os.path.join(temp, file_name))
+        files.append(file)
+        metadata = {"format": "pt"}
+        if single:
+            metadata["ckpt_avg"] = _provenance_text(provenance, None)
+        writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
+        writers.update(dict.fromkeys(names, writer))
+    digests = run(SafetensorsSink(writers), True)
+    if single:
+        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+        os.pwrite(files[0].fileno(), SafetensorsWriter.header_bytes(entries, only), 0)
+    else:
+        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
+    for file in files:
+        finish_file(file)
+    _copy_side_files(layout, temp)
+    return digests
 
 
 def _write_index(
@@ -259,13 +289,13 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.record(".data/serialization_id", _serialization_id(digests))
             writer.close()
             finish_file(file)
+            commit(temp, output, force=options.force)
         except OSError as exc:
             writer.abandon()
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
         except BaseException:
             writer.abandon()
             raise
-        commit(temp, output, force=options.force)
     return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
 
 
@@ -330,7 +360,11 @@ class _TreeBuilder:
                 continue
             if path == () and key == "ckpt_avg":
                 continue  # an earlier run's provenance is replaced by this one's
-            child = self._node(value, (*path, str(key)))
+            try:
+                child = self._node(value, (*path, str(key)))
+            except RecursionError:
+                self.dropped.append(f"{_dotted((*path, str(key)))} (nests too deeply to copy)")
+                continue
             if child is not _DROP:
                 items.append((key, child))
         try:
@@ -373,7 +407,7 @@ def _drop_unpicklable(tree: Any, nested: bool) -> list[str]:
     for key in list(tree):
         try:
             pickle_tree(tree[key])
-        except (pickle.PicklingError, TypeError, AttributeError):
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
             dropped.append(f"{key} (holds an object that could not be loaded safely)")
             del tree[key]
     return dropped

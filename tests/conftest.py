@@ -20,7 +20,12 @@ def round_reference(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     pattern with round-half-to-even, then the value is exact in the target dtype
     (valid in the normal range, which is where the tests' values lie).
     """
-    values = values.to(torch.float64)
+    shape = values.shape
+    values = values.to(torch.float64).reshape(-1)
+    return _round_flat(values, dtype).reshape(shape)
+
+
+def _round_flat(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype in (torch.float64,):
         return values.clone()
     if dtype == torch.float32:

@@ -1,0 +1,170 @@
+"""Bad options: the exit status SPEC 1.9 gives and a message that says what to change.
+
+Usage errors (bad option values, a missing input) exit 2; an existing OUTPUT without
+--force and an OUTPUT that is one of the inputs exit 1. Nothing is written either way and
+the inputs are untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import leftovers, run_cli
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path) -> Path:
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    for epoch in range(3):
+        sd = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+        torch.save({"state_dict": sd, "ema": {k: v + 1 for k, v in sd.items()}, "epoch": epoch},
+                   directory / f"epoch={epoch}.pt")  # fmt: skip
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def assert_refused(ckpts: Path, *args: object, code: int, says: tuple[str, ...]) -> str:
+    before = snapshot(ckpts)
+    result = run_cli(*args, expect=code)
+    assert "Traceback" not in result.output
+    line = error_line(result.stderr)
+    for fragment in says:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert snapshot(ckpts) == before, "an input was modified"
+    assert leftovers(ckpts) == [] and leftovers(ckpts.parent) == []
+    return line
+
+
+USAGE = [
+    (("--weights", "1,2"), ("--weights has 2 values but 3 checkpoints are selected",)),
+    (("--weights", "1,2,3,4"), ("--weights has 4 values but 3 checkpoints are selected",)),
+    (("--weights", "1,-1,1"), ("--weights", "non-negative")),
+    (("--weights", "0,0,0"), ("--weights", "zero")),
+    (("--weights", "1,nan,1"), ("--weights", "finite")),
+    (("--weights", "1,inf,1"), ("--weights", "finite")),
+    (("--weights", "one,two"), ("--weights", "not a comma-separated list of numbers")),
+    (("--ema", "0"), ("--ema must be between 0 and 1",)),
+    (("--ema", "1"), ("--ema must be between 0 and 1",)),
+    (("--ema", "1.5"), ("--ema must be between 0 and 1",)),
+    (("--ema", "-0.5"), ("--ema must be between 0 and 1",)),
+    (("--ema", "nan"), ("--ema must be between 0 and 1",)),
+    (("--ema", "0.9", "--weights", "1,2,3"), ("--weights and --ema cannot be used together",)),
+    (("--start", "5", "--end", "3"), ("--start 5 is after --end 3",)),
+    (("--start", "-1"), ("--start must be >= 0",)),
+    (("--start", "1.5"), ("--start", "whole index or a fraction")),
+    (("--last", "0"), ("--last must be at least 1, not 0",)),
+    (("--last", "-2"), ("--last must be at least 1",)),
+    (("--best", "2"), ("--best needs --metric",)),
+    (("--device", "tpu"), ("--device 'tpu'", "cpu, cuda, cuda:N or mps")),
+    (("--device", "cuda:99"), ("--device cuda:99",)),
+    (("--device", "meta"), ("--device meta", "cpu, cuda, cuda:N and mps")),
+    (("--dtype", "int8"), ("--dtype", "'int8' is not one of")),
+    (("--accum-dtype", "float16"), ("--accum-dtype",)),
+    (("--int-policy", "average"), ("--int-policy",)),
+    (("--bn-model", "train:model"), ("--bn-model and --bn-data go together",)),
+    (("--bn-model", "a:b", "--bn-data", "c:d", "--bn-batch-size", "0"), ("--bn-batch-size",)),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_bad_option_value_is_a_usage_error(ckpts: Path, args: tuple[str, ...], says: tuple[str, ...]) -> None:
+    out = ckpts.parent / "avg.pt"
+    assert_refused(ckpts, ckpts, "-o", out, *args, code=2, says=says)
+    assert not out.exists()
+
+
+def test_key_that_does_not_exist_lists_the_keys_that_do(ckpts: Path) -> None:
+    out = ckpts.parent / "avg.pt"
+    line = assert_refused(ckpts, ckpts, "-o", out, "--key", "state_dict_ema", code=2, says=("--key state_dict_ema",))
+    assert "not found" in line and "state_dict" in line and "ema" in line
+    line = assert_refused(ckpts, ckpts, "-o", out, "--key", "epoch", code=2, says=("--key epoch",))
+    assert "not a dict of tensors" in line and "state_dict" in line
+    run_cli(ckpts, "-o", out, "--key", "ema")  # the key that is there works
+
+
+@pytest.mark.parametrize("size", ["lots", "-5GB", "0", "5XB", "GB", "nan", "1e400"])
+def test_max_shard_size_garbage(ckpts: Path, size: str) -> None:
+    assert_refused(ckpts, ckpts, "-o", f"{ckpts.parent}/avg/", "--max-shard-size", size, code=2,
+                   says=("--max-shard-size", "is not a size"))  # fmt: skip
+    assert not (ckpts.parent / "avg").exists()
+
+
+def test_max_shard_size_needs_a_directory_output(ckpts: Path) -> None:
+    assert_refused(ckpts, ckpts, "-o", ckpts.parent / "avg.safetensors", "--max-shard-size", "5GB", code=2,
+                   says=("--max-shard-size needs a directory OUTPUT",))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["avg.txt", "avg", "avg.npz", "avg.safetensor", "avg.pt.bak"])
+def test_unknown_output_suffix(ckpts: Path, name: str) -> None:
+    line = assert_refused(ckpts, ckpts, "-o", ckpts.parent / name, code=2, says=("unknown format", ".safetensors"))
+    assert name in line
+    assert not (ckpts.parent / name).exists()
+
+
+def test_missing_inputs_and_output(ckpts: Path) -> None:
+    assert_refused(ckpts, ckpts / "nope.pt", "-o", ckpts.parent / "avg.pt", code=2, says=("does not exist",))
+    assert_refused(ckpts, f"{ckpts}/*.ckpt", "-o", ckpts.parent / "avg.pt", code=2, says=("matches nothing",))
+    assert_refused(ckpts, ckpts, code=2, says=("-o OUTPUT",))
+
+
+# ---------------------------------------------------------------- OUTPUT collisions: exit 1
+
+
+def test_existing_output_needs_force(ckpts: Path) -> None:
+    out = ckpts.parent / "avg.pt"
+    out.write_bytes(b"keep")
+    assert_refused(ckpts, ckpts, "-o", out, code=1, says=("already exists", "--force"))
+    assert out.read_bytes() == b"keep"
+    run_cli(ckpts, "-o", out, "--force")
+    assert out.read_bytes() != b"keep"
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_output_that_is_an_input(ckpts: Path, force: bool) -> None:
+    flags = ("--force",) if force else ()
+    says = ("OUTPUT is one of the inputs",)
+    target = ckpts / "epoch=2.pt"
+    assert_refused(ckpts, ckpts, "-o", target, *flags, code=1, says=says)
+    assert_refused(ckpts, *sorted(ckpts.iterdir()), "-o", target, *flags, code=1, says=says)
+    assert_refused(ckpts, ckpts, "-o", f"{ckpts}/./epoch=1.pt", *flags, code=1, says=says)
+    assert_refused(ckpts, ckpts, "-o", f"{ckpts}/../{ckpts.name}/epoch=0.pt", *flags, code=1, says=says)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_output_that_is_an_input_through_a_link(ckpts: Path, force: bool) -> None:
+    flags = ("--force",) if force else ()
+    says = ("OUTPUT is one of the inputs",)
+    other = ckpts.parent / "elsewhere"
+    other.mkdir()
+    (other / "link.pt").symlink_to(ckpts / "epoch=2.pt")
+    os.link(ckpts / "epoch=1.pt", other / "hard.pt")
+    (other / "dirlink").symlink_to(ckpts)
+    assert_refused(ckpts, ckpts, "-o", other / "link.pt", *flags, code=1, says=says)
+    assert_refused(ckpts, ckpts, "-o", other / "hard.pt", *flags, code=1, says=says)
+    assert_refused(ckpts, ckpts, "-o", other / "dirlink" / "epoch=0.pt", *flags, code=1, says=says)
+    assert_refused(ckpts, other / "link.pt", ckpts / "epoch=0.pt", "-o", ckpts / "epoch=2.pt", *flags,
+                   code=1, says=says)  # fmt: skip
+
+
+def test_output_that_is_a_left_out_candidate_is_still_an_input(ckpts: Path) -> None:
+    """`--last 1 ckpts/ -o ckpts/epoch=0.pt --force` must not overwrite a checkpoint it found.
+
+    Every file discovered from INPUT is an input (SPEC 1.7: inputs are never modified), whether
+    or not the selection kept it.
+    """
+    assert_refused(ckpts, ckpts, "--last", "1", "-o", ckpts / "epoch=0.pt", "--force", code=1,
+                   says=("OUTPUT is one of the inputs",))  # fmt: skip

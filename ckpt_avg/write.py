@@ -62,7 +62,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(final_path: str) -> None:
     """Delete temp files a killed run left beside OUTPUT (their process is gone)."""
-    directory = os.path.dirname(final_path) or "."
+    directory = os.path.dirname(final_path.rstrip("/")) or "."
     prefix = f"{TEMP_PREFIX}{os.path.basename(final_path.rstrip('/'))}-"
     try:
         names = os.listdir(directory)
@@ -118,7 +118,11 @@ def commit(temp: str, final: str, *, force: bool) -> None:
                     raise OutputError(f"{final}: already exists (use --force to overwrite)")
                 old = temp_path_for(final) + "-old"
                 os.rename(final, old)
-                os.rename(temp, final)
+                try:
+                    os.rename(temp, final)
+                except OSError:
+                    os.rename(old, final)  # put the previous output back: nothing is lost
+                    raise
                 shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
             else:
                 os.rename(temp, final)
@@ -132,6 +136,13 @@ def commit(temp: str, final: str, *, force: bool) -> None:
 def discard(temp: str) -> None:
     with contextlib.suppress(OSError):
         shutil.rmtree(temp) if os.path.isdir(temp) else os.remove(temp)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Public name for the signal mask used around creating and renaming temp files."""
+    with _signals_deferred():
+        yield
 
 
 def open_temp(path: str) -> IO[bytes]:

@@ -11,7 +11,6 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,16 +20,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .average import AverageOptions, Digests, Engine, Unit, Visit, classify, mixing_weights
+from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import CheckpointError, MismatchError, OutputError, UsageError
-from .lazy import TensorLeaf, leaf_numel, leaf_shape, leaf_tie_key
+from .errors import OutputError, UsageError
+from .layout import Layout, build_layout, has_state_dict
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, Plan, SelectOptions, make_plan, validate_options
 from .sources import OpenedCheckpoint, content_meta, open_checkpoint
-from .statedict import StateDictChoice, dotted, find_state_dicts, get_path
-from .torchfile import UnsupportedTensor
+from .statedict import StateDictChoice, dotted, find_state_dicts
 from .unpickle import PicklePolicy
 from .write import remove_stale_temps
 from .writers import write_output
@@ -48,7 +46,6 @@ DTYPES = {
     "fp64": torch.float64,
     "double": torch.float64,
 }
-KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,13 @@ def average_checkpoints(
         on_total(layout.input_bytes)
     remove_stale_temps(output)
     overrides = _batchnorm(run, layout, options)
-    written = write_output(output, layout, run.provenance(), options, progress or (lambda _: None), overrides)
+    advance = progress or (lambda _: None)
+
+    def runner(sink: Any, primary_only: bool) -> Digests:
+        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+        return run_engine(layout, options, sink, advance, visits, overrides)
+
+    written = write_output(output, layout, run.provenance(), options, runner)
     report = run.report(dry_run=False)
     report.output = output
     report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
@@ -276,28 +279,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Layout:
-    """What will be averaged and where it goes: units in processing order, and the trees."""
-
-    opened: list[OpenedCheckpoint]
-    choice: StateDictChoice
-    averaged_paths: list[tuple[str, ...]]
-    names: dict[tuple[str, ...], dict[str, Unit]]  # per state-dict path: key -> unit
-    visits: list[Visit]
-    primary_names: list[str]
-    input_bytes: int
-    warnings: list[str]
-    strip_prefix: tuple[str, ...] = ()
-
-    @property
-    def primary_units(self) -> list[Unit]:
-        seen: dict[int, Unit] = {}
-        for unit in self.names[self.choice.primary].values():
-            seen.setdefault(id(unit), unit)
-        return list(seen.values())
-
-
 class _Run:
     """One invocation's state between the stages."""
 
@@ -359,13 +340,21 @@ class _Run:
         paths = [self.choice.primary]
         if keeps_structure:
             for other in self.choice.others:
-                if all(_has_state_dict(o.tree, other) for o in self.selected_opened):
+                if all(has_state_dict(o.tree, other) for o in self.selected_opened):
                     paths.append(other)
                 else:
                     self.warnings.append(
                         f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
                     )
-        return _build_layout(self.selected_opened, self.choice, paths, self.options, self.warnings)
+        out_dtype = DTYPES[self.options.dtype] if self.options.dtype else None
+        return build_layout(
+            self.selected_opened,
+            self.choice,
+            paths,
+            strip_prefix=self.options.strip_prefix,
+            out_dtype=out_dtype,
+            warnings=self.warnings,
+        )
 
     def provenance(self) -> dict[str, Any]:
         select = self.options.select
@@ -460,157 +449,6 @@ def _is_our_output(opened: OpenedCheckpoint) -> bool:
     return isinstance(opened.tree, dict) and isinstance(opened.tree.get("ckpt_avg"), dict)
 
 
-def _has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:
-    from .statedict import is_state_dict
-
-    try:
-        return is_state_dict(get_path(tree, path))
-    except (KeyError, TypeError, IndexError):
-        return False
-
-
-def _strip(state_dict: dict[str, TensorLeaf], prefixes: tuple[str, ...], where: str) -> dict[str, TensorLeaf]:
-    if not prefixes:
-        return dict(state_dict)
-    stripped: dict[str, TensorLeaf] = {}
-    for key, value in state_dict.items():
-        new = key
-        for prefix in prefixes:
-            if new.startswith(prefix):
-                new = new[len(prefix) :]
-        if new in stripped:
-            raise MismatchError(f"{where}: --strip-prefix makes two keys into {new!r}")
-        stripped[new] = value
-    return stripped
-
-
-def _prefix_hint(a: set[str], b: set[str]) -> str | None:
-    for prefix in KNOWN_PREFIXES:
-        for with_prefix, without in ((a, b), (b, a)):
-            if {k[len(prefix) :] if k.startswith(prefix) else k for k in with_prefix} == without:
-                return prefix
-    return None
-
-
-def _check_keys(dicts: list[dict[str, TensorLeaf]], files: list[str], path: tuple[str, ...]) -> None:
-    reference = set(dicts[-1])
-    for sd, file in zip(dicts, files, strict=True):
-        keys = set(sd)
-        if keys == reference:
-            continue
-        prefix = _prefix_hint(keys, reference)
-        if prefix:
-            raise MismatchError(
-                f"{file}: keys differ from {files[-1]}'s only by the prefix {prefix!r}"
-                f" (DDP/torch.compile/wrapper); add --strip-prefix {prefix}"
-            )
-        missing = sorted(reference - keys)
-        extra = sorted(keys - reference)
-        detail = f"lacks {missing[0]!r}" if missing else f"has extra key {extra[0]!r}"
-        count = len(missing) + len(extra)
-        raise MismatchError(
-            f"{file}: state dict {dotted(path)} {detail} compared with {files[-1]}"
-            + (f" ({count} keys differ)" if count > 1 else "")
-        )
-
-
-def _build_layout(
-    opened: list[OpenedCheckpoint],
-    choice: StateDictChoice,
-    paths: list[tuple[str, ...]],
-    options: Options,
-    warnings: list[str],
-) -> Layout:
-    files = [o.ref.display for o in opened]
-    out_dtype = DTYPES[options.dtype] if options.dtype else None
-    units_by_tie: dict[tuple[object, ...], Unit] = {}
-    names: dict[tuple[str, ...], dict[str, Unit]] = {}
-    visits: list[Visit] = []
-    computed: set[int] = set()
-    for path in paths:
-        dicts = [_strip(get_path(o.tree, path), options.strip_prefix, o.ref.display) for o in opened]
-        _check_keys(dicts, files, path)
-        names[path] = {}
-        for name in sorted(dicts[-1]):
-            leaves = tuple(sd[name] for sd in dicts)
-            unit = _unit_for(name, leaves, files, out_dtype, units_by_tie)
-            names[path][name] = unit
-            first = id(unit) not in computed
-            computed.add(id(unit))
-            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary))
-    _check_zero3(names[choice.primary], files[-1])
-    input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)
-    return Layout(
-        opened,
-        choice,
-        paths,
-        names,
-        visits,
-        sorted(names[choice.primary]),
-        input_bytes,
-        warnings,
-        options.strip_prefix,
-    )
-
-
-def _input_bytes(unit: Unit) -> int:
-    return sum(
-        leaf_numel(leaf) * leaf.element_size() if isinstance(leaf, torch.Tensor) else leaf.nbytes
-        for leaf in unit.leaves
-    )
-
-
-def _check_zero3(units: dict[str, Unit], file: str) -> None:
-    floats = [u for u in units.values() if u.kind == "float"]
-    if floats and sum(1 for u in floats if u.numel == 0) * 2 > len(floats):
-        raise CheckpointError(
-            f"{file}: most weights are empty placeholder tensors (a DeepSpeed ZeRO-3 checkpoint);"
-            " convert it first: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT.pt"
-        )
-
-
-def _unit_for(
-    name: str,
-    leaves: tuple[TensorLeaf, ...],
-    files: list[str],
-    out_dtype: torch.dtype | None,
-    units_by_tie: dict[tuple[object, ...], Unit],
-) -> Unit:
-    for leaf, file in zip(leaves, files, strict=True):
-        if isinstance(leaf, UnsupportedTensor):
-            raise CheckpointError(f"{file}: tensor {name!r} is a {leaf.kind} tensor, which cannot be averaged")
-        if leaf.dtype.is_floating_point and leaf.dtype not in (
-            torch.float64,
-            torch.float32,
-            torch.float16,
-            torch.bfloat16,
-        ):
-            raise CheckpointError(
-                f"{file}: tensor {name!r} is {str(leaf.dtype).removeprefix('torch.')}; quantized and float8"
-                " weights are scaled codes that cannot be averaged directly (dequantize first)"
-            )
-        if leaf.dtype.is_complex:
-            raise CheckpointError(f"{file}: tensor {name!r} is complex, which is not supported")
-    shapes = {leaf_shape(leaf) for leaf in leaves}
-    if len(shapes) > 1:
-        detail = ", ".join(f"{f}: {list(leaf_shape(x))}" for f, x in zip(files, leaves, strict=True))
-        raise MismatchError(f"tensor {name!r} has different shapes: {detail}")
-    kinds = {classify(name, leaf.dtype) for leaf in leaves}
-    if len(kinds) > 1:
-        detail = ", ".join(f"{f}: {str(x.dtype).removeprefix('torch.')}" for f, x in zip(files, leaves, strict=True))
-        raise MismatchError(f"tensor {name!r} mixes floating and integer dtypes: {detail}")
-    tie = tuple(leaf_tie_key(leaf) for leaf in leaves)
-    if tie in units_by_tie:
-        unit = units_by_tie[tie]
-        unit.names.append(name)
-        return unit
-    kind = kinds.pop()
-    dtype = out_dtype if (out_dtype is not None and kind == "float") else leaves[-1].dtype
-    unit = Unit([name], leaves, kind, dtype, leaf_shape(leaves[-1]))
-    units_by_tie[tie] = unit
-    return unit
-
-
 def engine_options(options: Options, count: int, overrides: dict[str, torch.Tensor] | None = None) -> AverageOptions:
     accumulate = torch.float32 if options.accum_dtype in ("float32", "fp32", "float") else torch.float64
     return AverageOptions(
@@ -636,7 +474,3 @@ def run_engine(
     engine = Engine([o.ref.display for o in layout.opened], settings, sink, digests, progress)
     engine.run(visits)
     return digests
-
-
-def json_provenance(provenance: dict[str, Any]) -> str:
-    return json.dumps(provenance, sort_keys=True, separators=(",", ":"))

@@ -16,6 +16,7 @@ import torch
 
 from .average import Digests
 from .errors import CheckpointError, OutputError
+from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, leaf_numel
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
@@ -40,7 +41,8 @@ from .write import (
 )
 
 if TYPE_CHECKING:
-    from .api import Layout, Options
+    from .api import Options
+    from .layout import Layout
 
 ZERO_DIGEST = "0" * 64
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
@@ -74,28 +76,17 @@ class Written:
     dropped: list[str] = field(default_factory=list)
 
 
-def write_output(
-    output: str,
-    layout: Layout,
-    provenance: dict[str, Any],
-    options: Options,
-    progress: Callable[[int], None],
-    overrides: dict[str, torch.Tensor] | None = None,
-) -> Written:
-    def run(sink: Any, primary_only: bool) -> Digests:
-        from .api import run_engine
+# Runs the kernel into a sink: (sink, primary state dict only?) -> digests.
+Runner = Callable[[Any, bool], Digests]
 
-        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
-        return run_engine(layout, options, sink, progress, visits, overrides)
 
+def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
+    """Write OUTPUT in the format its name asks for, atomically; `run` streams the tensors in."""
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
         return _write_directory(output, layout, provenance, options, run)
     if output.lower().endswith(".safetensors"):
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
-
-
-Runner = Callable[[Any, bool], Digests]
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
@@ -320,10 +311,8 @@ class _TreeBuilder:
         return self._node(last, ())
 
     def _averaged(self, path: tuple[str, ...]) -> OrderedDict[str, OutTensor]:
-        from .api import _strip
-
         original = get_path(self.layout.opened[-1].tree, path)
-        order = list(_strip(original, self.layout.strip_prefix, ""))
+        order = list(strip_prefixes(original, self.layout.strip_prefix, ""))
         units = self.layout.names[path]
         result: OrderedDict[str, OutTensor] = OrderedDict()
         for name in order:

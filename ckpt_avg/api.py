@@ -11,7 +11,6 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +21,15 @@ import torch
 from . import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import OutputError, UsageError
+from .errors import UsageError
+from .guard import check_output, is_ckpt_avg_output, validate_output_name
 from .layout import Layout, build_layout, has_state_dict
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, Plan, SelectOptions, make_plan, validate_options
+from .select import Candidate, SelectOptions, make_plan, validate_options
 from .sources import OpenedCheckpoint, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts
-from .unpickle import PicklePolicy
+from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
 from .writers import write_output
 
@@ -101,8 +101,8 @@ def average_checkpoints(
     options = _merge(options or Options(), choices)
     _validate(options, output)
     started = time.monotonic()
-    run = _Run(inputs, options, output)
-    _check_output(output, run.plan, options)
+    run = _Run(inputs, options)
+    check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(output)
     if on_total is not None:
@@ -209,6 +209,11 @@ def _validate(options: Options, output: str | None = None) -> None:
     if options.weights is not None and (any(w < 0 for w in options.weights) or sum(options.weights) <= 0):
         raise UsageError("--weights must be non-negative and not sum to zero")
     check_device(options.device)
+    for name in options.allow_global:
+        with importable_from_cwd():
+            problem = check_allow_global(name)
+        if problem:
+            raise UsageError(f"--allow-global {name}: {problem}")
     if (options.bn_model is None) != (options.bn_data is None):
         raise UsageError("--bn-model and --bn-data go together: give both to recompute BatchNorm statistics")
     if options.bn_model is not None and options.bn_data is not None:
@@ -218,7 +223,7 @@ def _validate(options: Options, output: str | None = None) -> None:
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
     if output is not None:
-        _validate_output_name(output, options)
+        validate_output_name(output, max_shard_size=options.max_shard_size)
 
 
 def check_device(device: str) -> None:
@@ -236,41 +241,6 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
 
 
-def _validate_output_name(output: str, options: Options) -> None:
-    from .write import parse_size
-
-    directory_output = output.endswith(("/", os.sep)) or os.path.isdir(output)
-    if options.max_shard_size is not None:
-        try:
-            parse_size(options.max_shard_size)
-        except ValueError as exc:
-            raise UsageError(f"--max-shard-size: {exc}") from None
-        if not directory_output:
-            raise UsageError("--max-shard-size needs a directory OUTPUT (end it with /)")
-    if not directory_output and not output.lower().endswith((*PYTORCH_SUFFIXES, ".safetensors")):
-        raise UsageError(
-            f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .ckpt, .bin or / for a directory"
-        )
-    parent = os.path.dirname(output.rstrip("/")) or "."
-    if not os.path.isdir(parent):
-        raise UsageError(f"OUTPUT {output!r}: directory {parent!r} does not exist")
-
-
-def _check_output(output: str, plan: Plan, options: Options) -> None:
-    """OUTPUT must not be any checkpoint found, selected or not: --force must never eat a run."""
-    target = output.rstrip("/") or output
-    for entry in plan.entries:
-        ref = entry.candidate.ref
-        for path in (ref.display, *ref.files):
-            same = os.path.realpath(target) == os.path.realpath(path) or (
-                os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path)
-            )
-            if same:
-                raise OutputError(f"{output}: OUTPUT is one of the inputs ({ref.display}); choose another name")
-    if os.path.lexists(target) and not options.force:
-        raise OutputError(f"{output}: already exists (use --force to overwrite)")
-
-
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -282,13 +252,11 @@ def _sha256(path: str) -> str:
 class _Run:
     """One invocation's state between the stages."""
 
-    def __init__(self, inputs: Sequence[str], options: Options, output: str | None = None) -> None:
+    def __init__(self, inputs: Sequence[str], options: Options) -> None:
         self.options = options
         self.policy = PicklePolicy(trust=options.trust_pickle, extra_allowed=frozenset(options.allow_global))
         self._opened: dict[str, OpenedCheckpoint] = {}
-        self.discovery = _without_earlier_output(
-            discover(inputs, recursive=options.recursive, name_glob=options.glob), output, self._open
-        )
+        self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
         self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
@@ -327,10 +295,7 @@ class _Run:
         if self.choice.warning:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
-            self.warnings.append(
-                "objects of classes not on the allowlist were replaced by inert placeholders and are left"
-                f" out of a .pt output: {', '.join(sorted(self.placeholders))} (--allow-global MODULE.NAME keeps one)"
-            )
+            self.warnings.extend(placeholder_warnings(self.placeholders))
         if any(o.legacy for o in self.selected_opened):
             self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
 
@@ -423,30 +388,37 @@ class _Run:
         )
 
 
-def _without_earlier_output(
-    found: Discovery, output: str | None, open_ref: Callable[[CheckpointRef], OpenedCheckpoint]
-) -> Discovery:
-    """Leave out a file found in a directory that is OUTPUT and was written by an earlier run.
+def placeholder_warnings(placeholders: set[str]) -> list[str]:
+    """Name what was not loaded: classes the user may allow, and functions that would run code."""
+    functions = sorted(n for n in placeholders if n.rpartition(".")[2][:1].islower())
+    classes = sorted(placeholders - set(functions))
+    warnings = []
+    if functions:
+        warnings.append(
+            "the checkpoint names functions that would run code when unpickled; they were blocked and never"
+            f" called: {', '.join(functions)} (only --trust-pickle runs them: do not use it on this file)"
+        )
+    if classes:
+        warnings.append(
+            "objects of classes not on the allowlist were replaced by inert placeholders and are left out of a"
+            f" .pt output: {', '.join(classes)} (--allow-global MODULE.CLASS keeps a class you trust)"
+        )
+    return warnings
 
-    Rerunning `ckpt-avg ckpts/ -o ckpts/avg.pt` must not average the previous average. A
-    found file that is OUTPUT but not ours stays, and is refused as an input later.
+
+def _without_earlier_outputs(found: Discovery) -> Discovery:
+    """Leave out files found in a directory that an earlier ckpt-avg run wrote.
+
+    Rerunning `ckpt-avg ckpts/ -o ckpts/avg.pt` must not average the previous average; a
+    file named explicitly on the command line is kept (and refused if it is OUTPUT).
     """
-    if output is None:
-        return found
-    target = os.path.realpath(output.rstrip("/") or output)
     refs, skipped = [], list(found.skipped)
     for ref in found.refs:
-        if not ref.explicit and os.path.realpath(ref.display) == target and _is_our_output(open_ref(ref)):
-            skipped.append(Skipped(ref.display, "OUTPUT of an earlier ckpt-avg run"))
+        if not ref.explicit and is_ckpt_avg_output(ref.display):
+            skipped.append(Skipped(ref.display, "output of an earlier ckpt-avg run"))
         else:
             refs.append(ref)
     return Discovery(tuple(refs), tuple(skipped))
-
-
-def _is_our_output(opened: OpenedCheckpoint) -> bool:
-    if "ckpt_avg" in opened.safetensors_metadata:
-        return True
-    return isinstance(opened.tree, dict) and isinstance(opened.tree.get("ckpt_avg"), dict)
 
 
 def engine_options(options: Options, count: int, overrides: dict[str, torch.Tensor] | None = None) -> AverageOptions:

@@ -9,9 +9,12 @@ object still yields its tensors, and a payload such as `os.system` is never impo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import pickle
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
@@ -151,6 +154,20 @@ class Unpickled:
     placeholders: set[str] = field(default_factory=set)
 
 
+@contextlib.contextmanager
+def importable_from_cwd() -> Iterator[None]:
+    """Let MODULE.NAME options find the user's own modules, as `python -m` would."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _import_global(module: str, name: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -176,7 +193,10 @@ class GlobalResolver:
             return _import_global(module, name)
         if full in _SIZED:
             return _SIZED[full]
-        if full in _ALLOWED or full in self.policy.extra_allowed or _is_numpy_dtype_class(module, name):
+        if full in self.policy.extra_allowed:
+            with importable_from_cwd():
+                return _import_global(module, name)
+        if full in _ALLOWED or _is_numpy_dtype_class(module, name):
             try:
                 return _import_global(module, name)
             except (ImportError, AttributeError):
@@ -212,6 +232,40 @@ def _bounded(kind: type[bytes] | type[bytearray]) -> Any:
 
 
 _SIZED = {"builtins.bytes": _bounded(bytes), "builtins.bytearray": _bounded(bytearray)}
+
+
+# Modules whose classes act on the system: never allowlisted, even when asked for.
+_NEVER_ALLOWED_MODULES = frozenset(
+    {
+        "os", "posix", "nt", "subprocess", "sys", "shutil", "builtins", "importlib", "runpy", "code",
+        "codeop", "pickle", "_pickle", "marshal", "ctypes", "multiprocessing", "socket", "pty", "signal",
+        "threading", "_thread", "io", "_io", "codecs", "tempfile", "functools", "operator", "types",
+        "webbrowser", "urllib", "http", "asyncio", "concurrent", "sqlite3", "zipfile", "tarfile", "gc",
+        "inspect", "torch", "numpy", "pathlib",
+    }
+)  # fmt: skip
+
+
+def check_allow_global(name: str) -> str:
+    """The reason `--allow-global NAME` is refused, or "" when it names an inert class.
+
+    Only classes can be allowed, never functions (a pickle calls what it names), and never a
+    class from a module that acts on the system: no option but --trust-pickle runs a payload.
+    """
+    module, _, attribute = name.rpartition(".")
+    if not module or not attribute.isidentifier():
+        return "give MODULE.CLASS, for example my_project.config.TrainConfig"
+    root = module.split(".")[0]
+    if root in _NEVER_ALLOWED_MODULES:
+        return f"classes from {root} are never loaded from a checkpoint (--trust-pickle is for files you trust)"
+    try:
+        value = _import_global(module, attribute)
+    except Exception as exc:  # noqa: BLE001 - any failure to import means the name cannot be used
+        return f"cannot import it ({type(exc).__name__}: {exc})"
+    if not isinstance(value, type):
+        kind = type(value).__name__
+        return f"it is a {kind}, not a class; only classes can be allowed (calling a function runs code)"
+    return ""
 
 
 def _is_numpy_dtype_class(module: str, name: str) -> bool:

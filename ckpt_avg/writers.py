@@ -16,6 +16,7 @@ import torch
 
 from .average import Digests
 from .errors import CheckpointError, OutputError
+from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, leaf_numel
 from .statedict import TRAINING_STATE_NAMES, get_path
@@ -273,6 +274,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             if nested:
                 tree["ckpt_avg"] = _with_digests(provenance, digests)
             writer.record("data.pkl", pickle_tree(tree))
+            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests).encode())
             writer.record(".format_version", b"1")
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")

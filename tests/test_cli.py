@@ -221,7 +221,7 @@ def test_rerun_into_the_checkpoint_directory(tmp_path: Path) -> None:
         (
             ["DIR", "-o", "avg.txt"],
             "Error: OUTPUT 'avg.txt': unknown format;"
-            " end it with .safetensors, .pt, .pth, .ckpt, .bin or / for a directory",
+            " end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin or / for a directory",
         ),
         (
             ["DIR", "--dtype", "int8", "-o", "OUT"],

@@ -296,6 +296,8 @@ class _Run:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
             self.warnings.extend(placeholder_warnings(self.placeholders))
+        if len(self.selected_opened) == 1:
+            self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
             self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
 
@@ -376,7 +378,7 @@ class _Run:
                 )
             )
         for skipped in self.discovery.skipped:
-            records.append(CandidateRecord(skipped.display, None, None, None, 0, False, skipped.reason))
+            records.append(CandidateRecord(skipped.display, None, None, None, skipped.size, False, skipped.reason))
         return Report(
             version=__version__,
             by=self.plan.by,
@@ -415,7 +417,7 @@ def _without_earlier_outputs(found: Discovery) -> Discovery:
     refs, skipped = [], list(found.skipped)
     for ref in found.refs:
         if not ref.explicit and is_ckpt_avg_output(ref.display):
-            skipped.append(Skipped(ref.display, "output of an earlier ckpt-avg run"))
+            skipped.append(Skipped(ref.display, "output of an earlier ckpt-avg run", ref.size))
         else:
             refs.append(ref)
     return Discovery(tuple(refs), tuple(skipped))

@@ -26,6 +26,9 @@ Examples:
   ckpt-avg --best 3 --metric val_loss ckpts/ -o best3.ckpt
   ckpt-avg --ema 0.9 'ckpts/epoch_*.pt' -o ema.pt
   ckpt-avg output/checkpoint-*/ -o averaged/ --max-shard-size 5GB
+
+  ckpt-avg inspect ckpts/ shows the run (weight drift, metrics) and suggests --start;
+  see ckpt-avg inspect --help.
 """
 
 
@@ -55,7 +58,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     "-o",
     "--output",
     metavar="OUTPUT",
-    help="File to write (.pt .pth .ckpt .bin keep structure, .safetensors flat), or DIR/ for Hugging Face"
+    help="File to write (.pt .pth .pth.tar .ckpt .bin keep structure, .safetensors flat), or DIR/ for Hugging Face"
     " shards. Example: -o avg.pt",
 )
 @click.option(
@@ -285,9 +288,12 @@ def _errors(*, debug: bool) -> Iterator[None]:
         if isinstance(error, SelectionError) and error.plan_table:
             click.echo(error.plan_table, err=True)
         sys.exit(error.exit_code)
-    except (KeyboardInterrupt, Interrupted):
+    except KeyboardInterrupt:
         click.echo("Error: interrupted; no output was written", err=True)
         sys.exit(130)
+    except Interrupted:
+        click.echo("Error: interrupted by SIGTERM; no output was written", err=True)
+        sys.exit(143)
     except click.exceptions.ClickException:
         raise
     except OSError as error:

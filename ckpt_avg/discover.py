@@ -46,6 +46,7 @@ class CheckpointRef:
 class Skipped:
     display: str
     reason: str
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,9 @@ class _Found:
                 new.size,
                 new.name,
             )
-            self.skipped.append(Skipped(old.display, f"same file as {new.display}"))
+            self.skipped.append(Skipped(old.display, f"same file as {new.display}", old.size))
         else:
-            self.skipped.append(Skipped(new.display, f"same file as {old.display}"))
+            self.skipped.append(Skipped(new.display, f"same file as {old.display}", new.size))
 
 
 def _size(path: str) -> int:

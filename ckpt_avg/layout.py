@@ -54,26 +54,40 @@ def has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:
 
 
 def strip_prefixes(state_dict: dict[str, TensorLeaf], prefixes: tuple[str, ...], where: str) -> dict[str, TensorLeaf]:
+    """Keys with the given prefixes removed from their start, in any order and nesting."""
     if not prefixes:
         return dict(state_dict)
     stripped: dict[str, TensorLeaf] = {}
     for key, value in state_dict.items():
-        new = key
-        for prefix in prefixes:
-            if new.startswith(prefix):
-                new = new[len(prefix) :]
+        new = _strip_key(key, prefixes)[0]
         if new in stripped:
             raise MismatchError(f"{where}: --strip-prefix makes two keys into {new!r}")
         stripped[new] = value
     return stripped
 
 
-def _prefix_hint(a: set[str], b: set[str]) -> str | None:
-    for prefix in KNOWN_PREFIXES:
-        for with_prefix, without in ((a, b), (b, a)):
-            if {k[len(prefix) :] if k.startswith(prefix) else k for k in with_prefix} == without:
-                return prefix
-    return None
+def _strip_key(key: str, prefixes: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The key without leading prefixes (`_orig_mod.module.x` -> `x`), and those it had."""
+    found: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix) and len(key) > len(prefix):
+                key = key[len(prefix) :]
+                found.append(prefix)
+                changed = True
+    return key, tuple(found)
+
+
+def _prefix_hint(key_sets: list[set[str]]) -> list[str]:
+    """The wrapper prefixes that are all that tells the key sets apart (empty if not so)."""
+    stripped = [[_strip_key(k, KNOWN_PREFIXES) for k in keys] for keys in key_sets]
+    if len({frozenset(s for s, _ in pairs) for pairs in stripped}) != 1:
+        return []
+    chains = {chain for pairs in stripped for _, chain in pairs}
+    common = set.intersection(*(set(c) for c in chains))
+    return [p for p in KNOWN_PREFIXES if any(p in c for c in chains) and p not in common]
 
 
 def _check_keys(dicts: list[dict[str, TensorLeaf]], files: list[str], path: tuple[str, ...]) -> None:
@@ -82,11 +96,13 @@ def _check_keys(dicts: list[dict[str, TensorLeaf]], files: list[str], path: tupl
         keys = set(sd)
         if keys == reference:
             continue
-        prefix = _prefix_hint(keys, reference)
-        if prefix:
+        prefixes = _prefix_hint([set(d) for d in dicts])
+        if prefixes:
+            quoted = " and ".join(repr(p) for p in prefixes)
+            fix = " ".join(f"--strip-prefix {p}" for p in prefixes)
             raise MismatchError(
-                f"{file}: keys differ from {files[-1]}'s only by the prefix {prefix!r}"
-                f" (DDP/torch.compile/wrapper); add --strip-prefix {prefix}"
+                f"{file}: keys differ from {files[-1]}'s only by the prefix {quoted}"
+                f" (DDP/torch.compile/wrapper); add {fix}"
             )
         missing = sorted(reference - keys)
         extra = sorted(keys - reference)
@@ -125,6 +141,7 @@ def build_layout(
             computed.add(id(unit))
             visits.append(Visit(name, unit, compute=first, digest=path == choice.primary))
     _check_zero3(names[choice.primary], files[-1])
+    _warn_mixed_dtypes(names[choice.primary], files, out_dtype, warnings)
     input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)
     return Layout(
         opened,
@@ -136,6 +153,22 @@ def build_layout(
         input_bytes,
         warnings,
         strip_prefix,
+    )
+
+
+def _warn_mixed_dtypes(
+    units: dict[str, Unit], files: list[str], out_dtype: torch.dtype | None, warnings: list[str]
+) -> None:
+    mixed = [(name, unit) for name, unit in units.items() if len({leaf.dtype for leaf in unit.leaves}) > 1]
+    if not mixed or out_dtype is not None:
+        return
+    name, unit = mixed[0]
+    seen = ", ".join(
+        f"{str(leaf.dtype).removeprefix('torch.')} in {f}" for leaf, f in zip(unit.leaves, files, strict=True)
+    )
+    warnings.append(
+        f"{len(mixed)} tensor(s) change dtype across the checkpoints (e.g. {name!r}: {seen}); the output takes"
+        f" the last checkpoint's dtype ({str(unit.out_dtype).removeprefix('torch.')}); choose one with --dtype"
     )
 
 

@@ -95,7 +95,8 @@ def plan_table(report: Report) -> str:
     ]
     lines = [line.rstrip() for line in lines]
     chosen = len(report.selected)
-    lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, ordered by {report.by}")
+    order = "in the order given" if numbered else f"ordered by {report.by}"
+    lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, {order}")
     if report.state_dict_key is not None:
         others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""
         lines.append(f"state dict: {report.state_dict_key}{others}")

@@ -127,7 +127,9 @@ def make_plan(candidates: Sequence[Candidate], options: SelectOptions) -> Plan:
     entries.sort(key=lambda e: (e.index is None, e.index if e.index is not None else 0, e.candidate.ref.order))
     plan = Plan(by, tuple(entries))
     if not plan.selected:
-        raise SelectionError("nothing selected: " + _why_nothing(plan, candidates), _table(plan))
+        raise SelectionError(
+            "nothing selected: " + _why_nothing(plan, candidates), _table(plan) if plan.entries else ""
+        )
     return plan
 
 

@@ -238,6 +238,7 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
     import types
 
     _refuse_odd_tar(path)
+    _refuse_non_pickle(path)
 
     from .unpickle import unpickler_class
 
@@ -284,6 +285,16 @@ def _refuse_odd_tar(path: str) -> None:
         raise CheckpointError(f"{path}: corrupt legacy tar checkpoint: {exc}") from None
     if odd:
         raise CheckpointError(f"{path}: legacy tar checkpoint has members that are not regular files: {odd[0]!r}")
+
+
+def _refuse_non_pickle(path: str) -> None:
+    import tarfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch's legacy format opens with a protocol-2 pickle of its magic number.
+    if head[:1] != b"\x80" and not tarfile.is_tarfile(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy pickle)")
 
 
 def _spill(tree: Any, path: str) -> Any:

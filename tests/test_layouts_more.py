@@ -261,3 +261,28 @@ def test_key_with_pt_output_leaves_no_stale_copy_of_the_other_weights(tmp_path: 
     for key in ("state_dict", "state_dict_ema"):
         expected = oracle_mean([c[key]["encoder.bias"] for c in checkpoints])  # type: ignore[index]
         assert torch.equal(averaged[key]["encoder.bias"], expected), key
+
+
+def test_mixed_wrapper_prefixes_are_named_and_fixed(tmp_path: Path) -> None:
+    inputs = [_state_dict(0, "module."), _state_dict(1, "_orig_mod.module."), _state_dict(2)]
+    for epoch, sd in enumerate(inputs):
+        torch.save(sd, tmp_path / f"epoch_{epoch}.pt")
+    result = run_cli(tmp_path, "-o", tmp_path / "avg.pt", expect=1)
+    assert "add --strip-prefix module. --strip-prefix _orig_mod." in result.stderr
+    out = tmp_path / "avg.safetensors"
+    run_cli(tmp_path, "-o", out, "--strip-prefix", "module.", "--strip-prefix", "_orig_mod.")
+    expected = oracle_mean(
+        [inputs[0]["module.head.weight"], inputs[1]["_orig_mod.module.head.weight"], inputs[2]["head.weight"]]
+    )
+    assert torch.equal(load_file(out)["head.weight"], expected)
+
+
+def test_a_dtype_change_across_checkpoints_is_warned_about(tmp_path: Path) -> None:
+    first = _state_dict(0)
+    second = OrderedDict((k, v.half()) for k, v in _state_dict(1).items())
+    torch.save(first, tmp_path / "epoch_0.pt")
+    torch.save(second, tmp_path / "epoch_1.pt")
+    out = tmp_path / "avg.safetensors"
+    result = run_cli(tmp_path, "-o", out)
+    assert "change dtype across the checkpoints" in result.stderr and "--dtype" in result.stderr
+    assert torch.equal(load_file(out)["head.weight"], oracle_mean([first["head.weight"], second["head.weight"]]))

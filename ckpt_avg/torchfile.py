@@ -306,49 +306,45 @@ def _spill(tree: Any, path: str) -> Any:
     import atexit
     import tempfile
 
-    handle = tempfile.NamedTemporaryFile(prefix="ckpt-avg-legacy-", suffix=".bin", delete=False)  # noqa: SIM115
-    atexit.register(_remove_quietly, handle.name)
-    reader: FileReader | None = None
-    storages: dict[int, StorageRef] = {}
+    tensors: list[torch.Tensor] = []
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:
+        tensors.append(tensor)
+        return tensor
+
+    _map_tensors(tree, collect)
+    placed: dict[int, tuple[int, int]] = {}  # storage pointer -> (offset, bytes) in the temp file
+    with tempfile.NamedTemporaryFile(prefix="ckpt-avg-legacy-", suffix=".bin", delete=False) as handle:
+        atexit.register(_remove_quietly, handle.name)
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in placed:
+                placed[storage.data_ptr()] = (handle.tell(), storage.nbytes())
+                handle.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
+    reader = FileReader(handle.name)
 
     def lazy(tensor: torch.Tensor) -> LazyTensor:
-        nonlocal reader
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in storages:
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-            offset = handle.tell()
-            handle.write(memoryview(raw))
-            storages[key] = StorageRef(_Pending(), offset, storage.nbytes(), tensor.dtype, f"{path}\0{key}")
-        ref = storages[key]
+        key = tensor.untyped_storage().data_ptr()
+        offset, nbytes = placed[key]
+        ref = StorageRef(reader, offset, nbytes, tensor.dtype, f"{path}\0{key}")
         return LazyTensor(ref, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, torch.Tensor):
-            return lazy(node)
-        if isinstance(node, dict):
-            for key, value in list(node.items()):
-                node[key] = walk(value)
-            return node
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if isinstance(node, tuple):
-            return tuple(walk(v) for v in node)
+    return _map_tensors(tree, lazy)
+
+
+def _map_tensors(node: Any, function: Any) -> Any:
+    """The tree with every tensor replaced by function(tensor); dicts are updated in place."""
+    if isinstance(node, torch.Tensor):
+        return function(node)
+    if isinstance(node, dict):
+        for key, value in list(node.items()):
+            node[key] = _map_tensors(value, function)
         return node
-
-    try:
-        result = walk(tree)
-        handle.flush()
-    finally:
-        handle.close()
-    reader = FileReader(handle.name)
-    for ref in storages.values():
-        object.__setattr__(ref, "reader", reader)
-    return result
-
-
-class _Pending:
-    """The reader of a spilled storage before its temp file is complete."""
+    if isinstance(node, list):
+        return [_map_tensors(v, function) for v in node]
+    if isinstance(node, tuple):
+        return tuple(_map_tensors(v, function) for v in node)
+    return node
 
 
 def _remove_quietly(path: str) -> None:

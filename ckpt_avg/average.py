@@ -1,29 +1,42 @@
 """The streaming kernel: tensor by tensor, chunk by chunk, across all selected checkpoints.
 
-For each chunk of each tensor, every input's bytes are read (ahead, on a small thread pool),
-converted into a reused accumulator buffer of float64 and added; the mean is rounded
-once into the output dtype and handed to the writer. Memory is a few chunks, whatever the
-number of checkpoints or the size of the model.
+For each chunk of each tensor, every input's bytes are read ahead into reusable buffers
+(and hashed) on reader threads; the main thread sums them in float64 in index order, block
+by cache-sized block, divides, and rounds once into the output dtype; a writer thread
+hashes the result and hands it to the sink. Memory is a fixed budget of buffers split among
+the inputs, whatever the number of checkpoints or the size of the model.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .errors import MismatchError, NonFiniteError, UsageError
-from .lazy import TensorLeaf, itemsize, leaf_numel, read_leaf_range
+from .lazy import TensorLeaf, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "global_step", "num_updates")
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
-READ_AHEAD = 4
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
+READ_BUDGET_BYTES = 96 << 20  # all read buffers together, however many inputs
+MAX_READ_BYTES = 16 << 20  # one read; larger ones are no faster
+READ_SLOTS = 3  # chunks in flight: one being averaged, two being read
+# sha256 runs at about 2 GB/s per core: hash on several threads where there are cores.
+READ_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
+# The arithmetic runs on the calling thread; intra-op threads only where cores are left over
+# (on a small machine they would contend with the readers and spin).
+ARITH_THREADS = 1 if (os.cpu_count() or 1) <= 4 else min(4, (os.cpu_count() or 1) - READ_THREADS - 2)
+WRITE_BUDGET_BYTES = 48 << 20  # all output buffers together
+WRITE_SLOTS = 3  # averaged chunks waiting to be hashed and written
+BLOCK_ELEMENTS = 1 << 17  # CPU arithmetic block: its float64 scratch stays in cache
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,8 @@ class Visit:
 
 
 class Sink(Protocol):
+    """Takes averaged chunks in order; `data` is a reused buffer, valid only during the call."""
+
     def write(self, unit: Unit, start: int, data: torch.Tensor) -> None: ...
 
 
@@ -142,28 +157,213 @@ def round_once(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.float32).to(dtype)
 
 
-class _Reads:
-    """Reads issued ahead, in the order they will be consumed, with a bounded number in flight."""
+@dataclass(frozen=True)
+class _Step:
+    """One chunk of one visit: what every input reads, and the main thread averages, next."""
 
-    def __init__(self, jobs: Iterator[tuple[TensorLeaf, int, int]], pool: ThreadPoolExecutor) -> None:
-        self._jobs = jobs
-        self._pool = pool
-        self._pending: deque[Future[torch.Tensor]] = deque()
-        for _ in range(READ_AHEAD):
-            self._submit()
+    visit: Visit
+    start: int
+    count: int
+    first: bool
+    last: bool
 
-    def _submit(self) -> None:
-        job = next(self._jobs, None)
-        if job is not None:
-            self._pending.append(self._pool.submit(read_leaf_range, *job))
 
-    def next(self) -> torch.Tensor:
-        result = self._pending.popleft().result()
-        self._submit()
-        return result
+class _Readers:
+    """Threads that fill reusable read buffers ahead of the arithmetic.
+
+    Each input is always read by the same thread, which also feeds that input's sha256
+    right after the read (hashlib releases the GIL), so every digest sees its bytes in
+    order and hashing runs in parallel with the arithmetic. Step k uses slot k % slots;
+    a slot is refilled only after the main thread has given it back.
+    """
+
+    def __init__(
+        self, steps: Sequence[_Step], buffers: list[list[torch.Tensor]], digests: Digests, threads: int
+    ) -> None:
+        self.steps = steps
+        self.buffers = buffers
+        self.digests = digests
+        inputs = len(buffers[0])
+        self.slots = len(buffers)
+        self.groups = [list(range(t, inputs, threads)) for t in range(min(threads, inputs))]
+        self.views: list[list[torch.Tensor]] = [[buffers[s][i] for i in range(inputs)] for s in range(self.slots)]
+        self.errors: list[BaseException | None] = [None] * self.slots
+        self.free = [[threading.Semaphore(1) for _ in range(self.slots)] for _ in self.groups]
+        self.filled = [[threading.Semaphore(0) for _ in range(self.slots)] for _ in self.groups]
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(t,), name=f"ckpt-avg-read-{t}", daemon=True)
+            for t in range(len(self.groups))
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, group: int) -> None:
+        loaded: dict[int, torch.Tensor] = {}  # strided leaves of the current unit, read whole once
+        for k, step in enumerate(self.steps):
+            slot = k % self.slots
+            self.free[group][slot].acquire()
+            if self.stop.is_set():
+                return
+            failed = False
+            try:
+                if step.first:
+                    loaded.clear()
+                ahead = self.steps[k + self.slots] if k + self.slots < len(self.steps) else None
+                self._read(step, ahead, slot, self.groups[group], loaded)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self.errors[slot] = exc
+                failed = True
+            self.filled[group][slot].release()
+            if failed:
+                return
+
+    def _read(
+        self, step: _Step, ahead: _Step | None, slot: int, inputs: list[int], loaded: dict[int, torch.Tensor]
+    ) -> None:
+        """Read (and hash) this thread's inputs for `step`; ask the kernel for `ahead`'s bytes."""
+        visit, unit = step.visit, step.visit.unit
+        for i in inputs:
+            leaf = unit.leaves[i]
+            hasher = self.digests.inputs[i] if visit.digest else None
+            if hasher is not None and step.first:
+                hasher.update(tensor_header(visit.name, leaf.dtype, unit.shape))
+            view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i], loaded)
+            self.views[slot][i] = view
+            if ahead is not None:  # the kernel reads it while we hash and average
+                prefetch_leaf_range(ahead.visit.unit.leaves[i], ahead.start, ahead.count)
+            if hasher is not None and step.count:
+                hasher.update(view.view(torch.uint8).numpy().data)
+
+    def take(self, k: int) -> list[torch.Tensor]:
+        """Every input's chunk of step k (valid until `give_back(k)`)."""
+        slot = k % self.slots
+        for filled in self.filled:
+            filled[slot].acquire()
+        error = self.errors[slot]
+        if error is not None:
+            raise error
+        return self.views[slot]
+
+    def give_back(self, k: int) -> None:
+        slot = k % self.slots
+        for free in self.free:
+            free[slot].release()
+
+    def close(self) -> None:
+        self.stop.set()
+        for free in self.free:
+            for semaphore in free:
+                semaphore.release()
+        for thread in self.threads:
+            thread.join()
+
+
+class _Writer:
+    """A thread that hashes the averaged chunks and hands them to the sink, in order.
+
+    Results are computed into a few reusable output buffers; a buffer is reused only once
+    the sink has taken its bytes (every sink copies them before `write` returns).
+    """
+
+    def __init__(self, sink: Sink, hasher: hashlib._Hash, capacity: int, slots: int, pin: bool) -> None:
+        self.sink = sink
+        self.hasher = hasher
+        self.buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
+        self.free = threading.Semaphore(slots)
+        self.issued = 0
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.queue: queue.SimpleQueue[tuple[Unit | None, int, Any, bool, bool] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="ckpt-avg-write", daemon=True)
+        self.thread.start()
+
+    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The next free output buffer, as `count` elements of `dtype`."""
+        self.check()
+        self.free.acquire()
+        buffer = self.buffers[self.issued % len(self.buffers)]
+        self.issued += 1
+        return buffer[: count * itemsize(dtype)].view(dtype)
+
+    def write(self, unit: Unit, start: int, data: torch.Tensor, digest: bool) -> None:
+        """Queue a chunk taken from `buffer()`: hashed if `digest`, then written."""
+        self.queue.put((unit, start, data, digest, True))
+
+    def hash(self, data: bytes | torch.Tensor) -> None:
+        self.queue.put((None, 0, data, True, False))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            unit, start, data, digest, owns_buffer = item
+            try:
+                if self.error is None and not self.cancelled:
+                    if digest:
+                        self.hasher.update(data if isinstance(data, bytes) else _raw(data))
+                    if unit is not None:
+                        self.sink.write(unit, start, data)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self.error = exc
+            finally:
+                if owns_buffer:
+                    self.free.release()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.cancelled = True
+            self.queue.put(None)
+            self.thread.join()
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return tensor.contiguous().view(torch.uint8).numpy().data
+
+
+def round_once_into(
+    values: torch.Tensor, out: torch.Tensor, scratch: Callable[[str, int, torch.dtype], torch.Tensor]
+) -> None:
+    """`out.copy_(round_once(values, out.dtype))`, without allocating: `scratch` lends buffers."""
+    if out.dtype not in (torch.bfloat16, torch.float16) or values.dtype != torch.float64:
+        out.copy_(values)  # one IEEE rounding (or an exact copy)
+        return
+    count = values.numel()
+    nearest = scratch("f32", count, torch.float32)
+    nearest.copy_(values)
+    back = scratch("f64", count, torch.float64)
+    back.copy_(nearest)
+    inexact = scratch("inexact", count, torch.int32)  # int32 masks: same-dtype integer ops are fast
+    torch.ne(back, values, out=inexact)
+    # (nearest - value) * value > 0 where float32 rounded away from zero: step back toward
+    # zero, then set the last bit: round-to-odd, which the second rounding keeps exact.
+    back.sub_(values).mul_(values)
+    away = scratch("away", count, torch.int32)
+    torch.gt(back, 0, out=away)
+    bits = nearest.view(torch.int32)
+    bits.sub_(away)
+    bits.bitwise_or_(inexact)
+    out.copy_(nearest)
 
 
 class Engine:
+    """Averages visits chunk by chunk: reading and hashing the inputs on reader threads, the
+    arithmetic on the calling thread (or `options.device`), hashing and writing the result
+    on a writer thread.
+
+    Memory is a fixed budget of reusable buffers split among the inputs, whatever the
+    number of checkpoints or the size of the model: about 96 MiB of read buffers, 48 MiB of
+    output buffers and a few MiB of float64 scratch, plus one whole tensor per tied name
+    still to hash.
+    """
+
     def __init__(
         self,
         files: Sequence[str],
@@ -178,72 +378,98 @@ class Engine:
         self.digests = digests
         self.progress = progress
         self.device = torch.device(options.device)
+        if self.device.type == "mps" and options.accum_dtype == torch.float64:
+            self.device = torch.device("cpu")  # MPS has no float64, and the mean must be exact
+        self._blocked = self.device.type == "cpu"  # cache-sized blocks on the CPU, whole chunks on a device
         self._held: dict[int, torch.Tensor] = {}  # results of tied units with names still to hash
+        self._pieces: dict[int, list[torch.Tensor]] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def run(self, visits: Sequence[Visit]) -> None:
-        pending_names = {id(v.unit): sum(1 for w in visits if w.unit is v.unit and w.digest) for v in visits}
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-avg-read") as pool:
-            reads = _Reads(self._jobs(visits), pool)
-            for visit in visits:
-                self._visit(visit, reads, pending_names)
+        steps = self._steps(visits)
+        if not steps:
+            return
+        pending = {id(v.unit): sum(1 for w in visits if w.unit is v.unit and w.digest) for v in visits}
+        pin = self.device.type == "cuda"
+        inputs = len(steps[0].visit.unit.leaves)
+        read_sizes = [max(s.count * itemsize(s.visit.unit.leaves[i].dtype) for s in steps) for i in range(inputs)]
+        buffers = [
+            [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in read_sizes] for _ in range(READ_SLOTS)
+        ]
+        capacity = max(s.count * itemsize(s.visit.unit.out_dtype) for s in steps)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and threads > ARITH_THREADS:
+            torch.set_num_threads(ARITH_THREADS)
+        readers = _Readers(steps, buffers, self.digests, READ_THREADS)
+        writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
+        try:
+            for k, step in enumerate(steps):
+                chunks = readers.take(k)
+                self._step(step, chunks, writer, pending)
+                readers.give_back(k)
+            writer.finish()
+        finally:
+            readers.close()
+            writer.close()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
-    def _jobs(self, visits: Sequence[Visit]) -> Iterator[tuple[TensorLeaf, int, int]]:
+    def _steps(self, visits: Sequence[Visit]) -> list[_Step]:
+        steps: list[_Step] = []
         for visit in visits:
             if not visit.compute and not visit.digest:
                 continue
-            for start, count in self._chunks(visit.unit):
-                for leaf in visit.unit.leaves:
-                    yield leaf, start, count
+            chunks = self._chunks(visit.unit)
+            for j, (start, count) in enumerate(chunks):
+                steps.append(_Step(visit, start, count, j == 0, j == len(chunks) - 1))
+        return steps
+
+    def _chunk_elements(self, unit: Unit) -> int:
+        """Elements per chunk: the buffer budgets split among inputs and slots, in whole blocks."""
+        per_read = min(MAX_READ_BYTES, max(4096, READ_BUDGET_BYTES // (READ_SLOTS * len(unit.leaves))))
+        widest = max(itemsize(leaf.dtype) for leaf in unit.leaves)
+        per_write = WRITE_BUDGET_BYTES // (WRITE_SLOTS * itemsize(unit.out_dtype))
+        size = max(1, min(self.options.chunk_elements, per_read // widest, per_write))
+        return size - size % BLOCK_ELEMENTS if size > BLOCK_ELEMENTS else size
 
     def _chunks(self, unit: Unit) -> list[tuple[int, int]]:
-        size = self.options.chunk_elements
+        size = self._chunk_elements(unit)
         total = unit.numel
         if total == 0:
             return [(0, 0)]  # an empty tensor still gets its (empty) record written
         return [(start, min(size, total - start)) for start in range(0, total, size)]
 
-    def _visit(self, visit: Visit, reads: _Reads, pending: dict[int, int]) -> None:
-        unit = visit.unit
-        if not visit.compute and not visit.digest:
-            return
-        if visit.digest:
-            header = tensor_header(visit.name, unit.leaves[0].dtype, unit.shape)
-            for hasher in self.digests.inputs:
-                hasher.update(header)
-            self.digests.output.update(tensor_header(visit.name, unit.out_dtype, unit.shape))
-        keep = visit.compute and visit.digest and pending[id(unit)] > 1
-        pieces: list[torch.Tensor] = []
-        for start, count in self._chunks(unit):
-            chunks = [reads.next() for _ in unit.leaves]
-            if visit.digest:
-                for hasher, chunk in zip(self.digests.inputs, chunks, strict=True):
-                    hasher.update(chunk.contiguous().view(torch.uint8).numpy())
-            if not visit.compute:
-                continue
+    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer, pending: dict[int, int]) -> None:
+        visit, unit = step.visit, step.visit.unit
+        if visit.digest and step.first:
+            writer.hash(tensor_header(visit.name, unit.out_dtype, unit.shape))
+        if not visit.compute:
+            if visit.digest and step.first:
+                writer.hash(self._held[id(unit)])
+        else:
+            out = writer.buffer(unit.out_dtype, step.count)
             override = self.options.overrides.get(unit.names[0])
             if override is not None:
-                result = override.detach().to("cpu", unit.out_dtype).reshape(-1)[start : start + count].contiguous()
+                out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
             else:
-                result = self._combine(unit, visit.name, start, chunks)
-            self.sink.write(unit, start, result)
-            if visit.digest:
-                self.digests.output.update(result.view(torch.uint8).numpy())
-            if keep:
-                pieces.append(result)
+                self._combine(unit, visit.name, chunks, out)
+            if pending[id(unit)] > (1 if visit.digest else 0):  # a tied name still to hash needs it
+                self._pieces.setdefault(id(unit), []).append(out.clone())
+            writer.write(unit, step.start, out, visit.digest)
             self.progress(sum(c.numel() * c.element_size() for c in chunks))
-        if not visit.compute and visit.digest:
-            held = self._held[id(unit)]
-            self.digests.output.update(held.view(torch.uint8).numpy())
-        if keep:
-            self._held[id(unit)] = torch.cat(pieces) if pieces else torch.empty(0, dtype=unit.out_dtype)
-        if visit.digest:
-            pending[id(unit)] -= 1
-            if pending[id(unit)] == 0:
-                self._held.pop(id(unit), None)
+        if step.last:
+            pieces = self._pieces.pop(id(unit), None)
+            if pieces is not None:
+                self._held[id(unit)] = torch.cat(pieces)
+            if visit.digest:
+                pending[id(unit)] -= 1
+                if pending[id(unit)] == 0:
+                    self._held.pop(id(unit), None)
 
-    def _combine(self, unit: Unit, name: str, start: int, chunks: list[torch.Tensor]) -> torch.Tensor:
+    def _combine(self, unit: Unit, name: str, chunks: list[torch.Tensor], out: torch.Tensor) -> None:
         if unit.kind == "float":
-            return self._mean(unit, name, start, chunks)
+            self._mean(unit, name, chunks, out)
+            return
         if unit.kind == "int" and self.options.int_policy == "error":
             first = chunks[0]
             for position, chunk in enumerate(chunks[1:], start=1):
@@ -252,24 +478,73 @@ class Engine:
                         f"integer tensor {name!r} differs between {self.files[0]} and {self.files[position]};"
                         " averaging integers is meaningless (use --int-policy last to copy the last one)"
                     )
-        return chunks[-1].to(unit.out_dtype) if chunks[-1].dtype != unit.out_dtype else chunks[-1].clone()
+        out.copy_(chunks[-1])
 
-    def _mean(self, unit: Unit, name: str, start: int, chunks: list[torch.Tensor]) -> torch.Tensor:
-        count = chunks[0].numel()
+    def _mean(self, unit: Unit, name: str, chunks: list[torch.Tensor], out: torch.Tensor) -> None:
+        """The (weighted) mean of the chunks, rounded once into `out`.
+
+        On the CPU the work goes block by block so the float64 scratch stays in cache; on a
+        device the chunks are copied over (from pinned buffers) and done in one block.
+        """
+        if self._blocked:
+            sums = self._buffer("sums", -(-out.numel() // BLOCK_ELEMENTS), torch.float64)
+            for j, start in enumerate(range(0, out.numel(), BLOCK_ELEMENTS)):
+                end = min(out.numel(), start + BLOCK_ELEMENTS)
+                self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
+        else:
+            sums = self._buffer("sums", 1, torch.float64)
+            result = self._buffer("result", out.numel(), out.dtype)
+            self._mean_block([c.to(self.device, non_blocking=True) for c in chunks], result, sums[0])
+            out.copy_(result, non_blocking=True)
+        if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
+            self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
+        _synchronize(self.device)  # the read buffers and `out` are reused next
+
+    def _mean_block(self, xs: list[torch.Tensor], out: torch.Tensor, total: torch.Tensor) -> None:
+        """Sum in index order in the accumulator dtype, divide, round once; `total` gets the sum."""
         accum = self.options.accum_dtype
-        total = torch.zeros(count, dtype=accum, device=self.device)
-        converted = torch.empty(count, dtype=accum, device=self.device)
+        acc = self._buffer("acc", out.numel(), accum)
         weights = self.options.weights
-        for position, chunk in enumerate(chunks):
-            converted.copy_(chunk.to(self.device, non_blocking=True))
-            if weights is not None:
-                converted.mul_(weights[position])
-            total.add_(converted)
         if weights is None:
-            total.div_(len(chunks))
-        if not self.options.allow_nonfinite and not bool(torch.isfinite(total).all()):
-            self._blame_nonfinite(name, chunks)
-        return round_once(total, unit.out_dtype).cpu()
+            torch.add(xs[0], 0.0, out=acc)  # 0 + x0, as a sum that starts from zero (-0.0 becomes +0.0)
+            converted = self._buffer("conv", out.numel(), accum)
+            for x in xs[1:]:
+                acc.add_(x if x.dtype == accum else converted.copy_(x))
+            acc.div_(len(xs))
+        else:
+            acc.zero_()
+            converted = self._buffer("conv", out.numel(), accum)
+            for x, weight in zip(xs, weights, strict=True):
+                acc.add_(converted.copy_(x).mul_(weight))
+        if not self.options.allow_nonfinite and out.numel():
+            torch.sum(acc, 0, dtype=torch.float64, out=total)
+        else:
+            total.zero_()
+        round_once_into(acc, out, self._buffer)
+
+    def _buffer(self, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """Reusable scratch on the arithmetic's device, grown when a larger one is needed."""
+        key = f"{name}:{dtype}"
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(
+                max(count, BLOCK_ELEMENTS if self._blocked else count), dtype=dtype, device=self.device
+            )
+            self._scratch[key] = buffer
+        return buffer[:count]
+
+    def _check_finite(self, name: str, chunks: list[torch.Tensor]) -> None:
+        """The slow exact check, for the rare chunk whose sum is not finite."""
+        self._blame_nonfinite(name, chunks)
+        accum = self.options.accum_dtype
+        total = torch.zeros(chunks[0].numel(), dtype=accum)
+        for position, chunk in enumerate(chunks):
+            converted = chunk.to(accum)
+            if self.options.weights is not None:
+                converted.mul_(self.options.weights[position])
+            total.add_(converted)
+        if not bool(torch.isfinite(total).all()):
+            raise NonFiniteError(f"tensor {name!r}: the mean overflows {accum}")
 
     def _blame_nonfinite(self, name: str, chunks: list[torch.Tensor]) -> None:
         for position, chunk in enumerate(chunks):
@@ -278,7 +553,13 @@ class Engine:
                     f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
                     " (use --allow-nonfinite to average it anyway)"
                 )
-        raise NonFiniteError(f"tensor {name!r}: the mean overflows {self.options.accum_dtype}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 class MemorySink:

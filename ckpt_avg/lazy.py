@@ -6,6 +6,7 @@ pages of a tensor that has been consumed never stay in this process's resident s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -51,7 +52,7 @@ class FileReader:
             )
         if nbytes == 0:
             return
-        view = memoryview(buffer.numpy()).cast("B")
+        view = buffer.numpy().data.cast("B")
         fd = self._descriptor()
         done = 0
         while done < nbytes:
@@ -59,6 +60,12 @@ class FileReader:
             if got <= 0:
                 raise CheckpointError(f"{self.path}: file ended while reading tensor data")
             done += got
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading a range we will need soon (no effect if cached)."""
+        if nbytes > 0 and hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._descriptor(), offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def read(self, offset: int, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -132,10 +139,7 @@ class LazyTensor:
         """Elements [start, start+count) of a contiguous tensor, flat, read from disk."""
         size = itemsize(self.dtype)
         nbytes = count * size
-        if out is None:
-            out = torch.empty(nbytes, dtype=torch.uint8)
-        else:
-            out = out[:nbytes]
+        out = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         offset = self.storage.offset + (self.storage_offset + start) * size
         self.storage.reader.read_into(out, offset)
         return out.view(self.dtype)
@@ -182,6 +186,35 @@ def read_leaf_range(value: TensorLeaf, start: int, count: int) -> torch.Tensor:
             return value.read_range(start, count)
         return value.load().reshape(-1)[start : start + count]
     return value.detach().reshape(-1)[start : start + count]
+
+
+def prefetch_leaf_range(value: TensorLeaf, start: int, count: int) -> None:
+    """Start reading elements [start, start+count) of a contiguous lazy tensor in the background."""
+    if isinstance(value, LazyTensor) and value.is_contiguous():
+        size = itemsize(value.dtype)
+        value.storage.reader.prefetch(value.storage.offset + (value.storage_offset + start) * size, count * size)
+
+
+def fill_leaf_range(
+    value: TensorLeaf, start: int, count: int, buffer: torch.Tensor, loaded: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Elements [start, start+count) in row-major order, read into `buffer` (uint8, large enough).
+
+    Returns a flat view of `buffer` in the leaf's dtype. A contiguous lazy tensor is read with
+    one `pread` straight into the buffer; a strided one is read whole once (kept in `loaded`
+    while its chunks are taken) and copied from.
+    """
+    out = buffer[: count * itemsize(value.dtype)]
+    if isinstance(value, LazyTensor) and value.is_contiguous():
+        return value.read_range(start, count, out)
+    flat = loaded.get(id(value)) if loaded is not None else None
+    if flat is None:
+        flat = (value.load() if isinstance(value, LazyTensor) else value.detach()).reshape(-1)
+        if loaded is not None and not (isinstance(value, torch.Tensor) and value.is_contiguous()):
+            loaded[id(value)] = flat
+    typed = out.view(value.dtype)
+    typed.copy_(flat[start : start + count])
+    return typed
 
 
 def load_leaf(value: TensorLeaf) -> torch.Tensor:

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .api import Options, average_checkpoints, plan_checkpoints
-from .errors import CkptAvgError
-from .report import Report
-from .select import SelectOptions
+if TYPE_CHECKING:
+    from .api import Options, average_checkpoints, plan_checkpoints
+    from .errors import CkptAvgError
+    from .report import Report
+    from .select import SelectOptions
+
+_EXPORTS = {
+    "Options": "api",
+    "average_checkpoints": "api",
+    "plan_checkpoints": "api",
+    "CkptAvgError": "errors",
+    "Report": "report",
+    "SelectOptions": "select",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so `ckpt-avg` can answer Ctrl-C while torch is still loading.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'ckpt_avg' has no attribute {name!r}")
+
 
 __all__ = [
     "CkptAvgError",

@@ -160,10 +160,6 @@ def is_tensor_leaf(value: object) -> bool:
     return isinstance(value, LazyTensor | torch.Tensor)
 
 
-def leaf_dtype(value: TensorLeaf) -> torch.dtype:
-    return value.dtype
-
-
 def leaf_shape(value: TensorLeaf) -> tuple[int, ...]:
     return tuple(value.shape)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
-from .naming import PYTORCH_SUFFIXES
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
 from .unpickle import PicklePolicy, Placeholder
@@ -166,7 +165,3 @@ def _as_float(value: Any) -> float | None:
         except (TypeError, ValueError):
             return None
     return None
-
-
-def is_pytorch_file(path: str) -> bool:
-    return path.lower().endswith(PYTORCH_SUFFIXES)

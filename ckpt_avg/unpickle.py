@@ -297,8 +297,3 @@ def loads_checked(file: IO[bytes], resolver: GlobalResolver, where: str, **kwarg
         raise CheckpointError(f"{where}: pickle asks for more memory than it can hold") from None
     except Exception as exc:  # noqa: BLE001 - any failure inside a hostile pickle is a bad file
         raise CheckpointError(f"{where}: cannot unpickle: {type(exc).__name__}: {exc}") from None
-
-
-def is_plain_data(value: Any) -> bool:
-    """True for values that pickle without naming any global beyond builtins."""
-    return isinstance(value, str | int | float | bool | bytes | type(None) | complex)

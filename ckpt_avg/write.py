@@ -94,7 +94,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Keep SIGINT/SIGTERM from landing between the rename and its bookkeeping."""
     try:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -111,7 +111,7 @@ def commit(temp: str, final: str, *, force: bool) -> None:
     """Move a finished temp file or directory to OUTPUT."""
     final = final.rstrip("/") or final
     directory = os.path.dirname(final) or "."
-    with _signals_deferred():
+    with signals_deferred():
         if os.path.isdir(temp):
             if os.path.lexists(final):
                 if not force:
@@ -136,13 +136,6 @@ def commit(temp: str, final: str, *, force: bool) -> None:
 def discard(temp: str) -> None:
     with contextlib.suppress(OSError):
         shutil.rmtree(temp) if os.path.isdir(temp) else os.remove(temp)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Public name for the signal mask used around creating and renaming temp files."""
-    with _signals_deferred():
-        yield
 
 
 def open_temp(path: str) -> IO[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -18,7 +19,7 @@ from .average import Digests
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
-from .lazy import LazyTensor, TensorLeaf, leaf_numel
+from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
@@ -221,7 +222,7 @@ def _write_index(
     file_names: list[str],
     provenance: dict[str, Any],
 ) -> None:
-    total = sum(leaf_bytes(dtype, shape) for dtype, shape in entries.values())
+    total = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in entries.values())
     weight_map = {name: file_name for names, file_name in zip(shards, file_names, strict=True) for name in names}
     index = {"metadata": {"total_size": total, "ckpt_avg": provenance}, "weight_map": dict(sorted(weight_map.items()))}
     path = os.path.join(directory, "model.safetensors.index.json")
@@ -229,15 +230,6 @@ def _write_index(
         file.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         file.flush()
         os.fsync(file.fileno())
-
-
-def leaf_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    from .lazy import itemsize
-
-    count = 1
-    for size in shape:
-        count *= size
-    return count * itemsize(dtype)
 
 
 def _copy_side_files(layout: Layout, directory: str) -> None:
@@ -368,8 +360,6 @@ class _TreeBuilder:
             return dict(items)
 
     def _extra(self, leaf: TensorLeaf) -> OutTensor:
-        from .lazy import leaf_tie_key
-
         tie = leaf_tie_key(leaf)
         storage = self._extra_by_tie.get(tie)
         if storage is None:

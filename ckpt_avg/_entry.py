@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 
 def entry() -> None:
@@ -11,4 +13,20 @@ def entry() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted; no output was written\n")
         sys.exit(130)
-    run()
+    try:
+        run()
+    except SystemExit as leaving:
+        if threading.active_count() == 1:
+            raise
+        # A worker thread interrupted inside torch (Ctrl-C, SIGTERM, an error) may still be
+        # winding down. Interpreter shutdown would end it with pthread_exit through C++
+        # frames, which aborts the process ("terminate called without an active exception",
+        # status -6); the output's temp file is already gone, so leave without a shutdown.
+        code = leaving.code
+        if not isinstance(code, int):
+            if code is not None:
+                sys.stderr.write(f"{code}\n")
+            code = 0 if code is None else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

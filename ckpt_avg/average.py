@@ -400,17 +400,21 @@ class Engine:
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > ARITH_THREADS:
             torch.set_num_threads(ARITH_THREADS)
-        readers = _Readers(steps, buffers, self.digests, READ_THREADS)
-        writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
-        try:
+        readers: _Readers | None = None
+        writer: _Writer | None = None
+        try:  # an interrupt between starting the threads and the loop must still stop them
+            readers = _Readers(steps, buffers, self.digests, READ_THREADS)
+            writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
             for k, step in enumerate(steps):
                 chunks = readers.take(k)
                 self._step(step, chunks, writer, pending)
                 readers.give_back(k)
             writer.finish()
         finally:
-            readers.close()
-            writer.close()
+            if readers is not None:
+                readers.close()
+            if writer is not None:
+                writer.close()
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
 
 
 def entry() -> None:
+    # numpy's OpenBLAS threads are never used here but spin for CPU time on start-up.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    gc.disable()  # importing torch makes a million objects: collecting them then is wasted time
     try:
         from .cli import entry as run
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted; no output was written\n")
         sys.exit(130)
+    gc.freeze()  # what the imports made lives to the end: later collections need not walk it
+    gc.enable()
     try:
         run()
     except SystemExit as leaving:

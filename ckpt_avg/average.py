@@ -9,6 +9,7 @@ the inputs, whatever the number of checkpoints or the size of the model.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -402,6 +403,8 @@ class Engine:
             torch.set_num_threads(ARITH_THREADS)
         readers: _Readers | None = None
         writer: _Writer | None = None
+        collecting = gc.isenabled()
+        gc.disable()  # the loop makes many short-lived views, and each collection walks all of torch
         try:  # an interrupt between starting the threads and the loop must still stop them
             readers = _Readers(steps, buffers, self.digests, READ_THREADS)
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
@@ -415,6 +418,8 @@ class Engine:
                 readers.close()
             if writer is not None:
                 writer.close()
+            if collecting:
+                gc.enable()
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 

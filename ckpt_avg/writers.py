@@ -11,7 +11,7 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,7 @@ from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
+    OutputFile,
     OutStorage,
     OutTensor,
     PtSink,
@@ -104,9 +105,9 @@ def _provenance_text(provenance: dict[str, Any], digests: Digests | None) -> str
 
 
 @contextlib.contextmanager
-def _temp_file(output: str) -> Iterator[tuple[str, IO[bytes]]]:
+def _temp_file(output: str) -> Iterator[tuple[str, OutputFile]]:
     temp = temp_path_for(output)
-    file: IO[bytes] | None = None
+    file: OutputFile | None = None
     try:
         with signals_deferred():  # a Ctrl-C here must not leave an untracked temp file
             file = open_temp(temp)
@@ -142,7 +143,7 @@ def _write_safetensors(
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
-            os.pwrite(file.fileno(), final, 0)
+            file.pwrite(final, 0)
             finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
@@ -156,7 +157,7 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     shards = plan_shards(entries, limit)
     file_names = shard_file_names(len(shards))
     temp = temp_path_for(output)
-    files: list[IO[bytes]] = []
+    files: list[OutputFile] = []
     try:
         with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
             os.mkdir(temp)
@@ -190,7 +191,7 @@ def _fill_directory(
     file_names: list[str],
     provenance: dict[str, Any],
     run: Runner,
-    files: list[IO[bytes]],
+    files: list[OutputFile],
 ) -> Digests:
     """Write every shard (and the index) into the temp directory; `files` collects open handles."""
     writers: dict[str, SafetensorsWriter] = {}
@@ -206,7 +207,7 @@ def _fill_directory(
     digests = run(SafetensorsSink(writers), True)
     if single:
         only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
-        os.pwrite(files[0].fileno(), SafetensorsWriter.header_bytes(entries, only), 0)
+        files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
     else:
         _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
     for file in files:
@@ -228,7 +229,6 @@ def _write_index(
     path = os.path.join(directory, "model.safetensors.index.json")
     with open_temp(path) as file:
         file.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        file.flush()
         os.fsync(file.fileno())
 
 

@@ -35,10 +35,8 @@ def test_force_never_replaces_a_directory_holding_inputs(
     before = _snapshot(tmp_path)
     result = run_cli("s/", "-o", output, "--force", expect=1)
     assert (
-        (result.stderr.startswith("Error: ")
-        and "holding the input" in result.stderr)
-        or "one of the inputs" in result.stderr
-    )
+        result.stderr.startswith("Error: ") and "holding the input" in result.stderr
+    ) or "one of the inputs" in result.stderr
     assert _snapshot(tmp_path) == before
 
 

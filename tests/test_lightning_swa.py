@@ -66,9 +66,7 @@ def test_start_s_minus_2_end_m_minus_2_reproduces_lightning_swa(
         torch.testing.assert_close(value, lightning_average[key], rtol=1e-6, atol=1e-6)
 
 
-def test_a_neighbouring_window_does_not_match(
-    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
-) -> None:
+def test_a_neighbouring_window_does_not_match(swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
     ckpts, lightning_average = swa_run
     out = tmp_path / "off_by_one.safetensors"
     run_cli("--start", SWA_START - 1, "--end", MAX_EPOCHS - 1, ckpts, "-o", out)

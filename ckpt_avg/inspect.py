@@ -297,13 +297,25 @@ def _suggestion(
         position=position, start=start, count=count, band=band, tail_median=median, tail_steps=len(tail),
         threshold=band * median, settled=position < len(steps) + 1 - len(tail),
         command=suggested_command(
-            inputs, options, start=start, last=count if start is None else None, int_policy_last=int_policy_last
+            inputs,
+            options,
+            start=start,
+            last=count if start is None else None,
+            int_policy_last=int_policy_last,
+            # Trainer checkpoint directories average into one that from_pretrained loads.
+            output="avg/" if all(os.path.isdir(row.path) for row in inspected) else "avg.pt",
         ),
     )  # fmt: skip
 
 
 def suggested_command(
-    inputs: Sequence[str], options: Options, *, start: int | None, last: int | None, int_policy_last: bool = False
+    inputs: Sequence[str],
+    options: Options,
+    *,
+    start: int | None,
+    last: int | None,
+    int_policy_last: bool = False,
+    output: str = "avg.pt",
 ) -> str:
     """The `ckpt-avg` command line that averages from the suggested start, ready to paste."""
     words = ["ckpt-avg"]
@@ -327,7 +339,7 @@ def suggested_command(
         words.append("--trust-pickle")
     for name in options.allow_global:
         words += ["--allow-global", name]
-    return shlex.join([*words, *inputs, "-o", "avg.pt"])
+    return shlex.join([*words, *inputs, "-o", output])
 
 
 def _rows(run: _Run, names: dict[str, Unit], prev: list[float | None], last: list[float]) -> list[Row]:

@@ -102,10 +102,19 @@ def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
         iterator = extra.get("train_iterator")
         if epoch is None and isinstance(iterator, dict):
             epoch = _as_int(iterator.get("epoch"))
+            # fairseq (iterator state version 2) saves the epoch to resume: after finishing
+            # epoch K, K + 1 with no iterations done; checkpointK.pt holds epoch K.
+            finished = _as_int(iterator.get("version")) == 2 and _as_int(iterator.get("iterations_in_epoch")) == 0
+            if epoch is not None and finished:
+                epoch -= 1
     history = tree.get("optimizer_history")
     if step is None and isinstance(history, list) and history and isinstance(history[-1], dict):
         step = _as_int(history[-1].get("num_updates"))
     return ContentMeta(epoch, step, _metrics(tree))
+
+
+# Numbers beside the weights that are counters or bookkeeping, not a model's quality.
+_NOT_METRICS = frozenset({"epoch", "global_step", "step", "version", "previous_training_time", "num_updates"})
 
 
 def _metrics(tree: dict[Any, Any]) -> dict[str, float]:
@@ -115,7 +124,7 @@ def _metrics(tree: dict[Any, Any]) -> dict[str, float]:
         sources.append(tree["extra_state"])
     for source in sources:
         for key, value in source.items():
-            if isinstance(key, str) and key not in ("epoch", "global_step", "step"):
+            if isinstance(key, str) and key not in _NOT_METRICS:
                 number = _as_float(value)
                 if number is not None:
                     found.setdefault(key, number)

@@ -53,6 +53,8 @@ TRAINING_STATE_NAMES = frozenset(
         "scheduler_state_dict",
         "callbacks",
         "scaler",
+        "amp_scaler",  # timm
+        "grad_scaler",
         "amp",
         "amp_scaling_state",
         "native_amp_scaling_state",

@@ -9,6 +9,7 @@ object still yields its tensors, and a payload such as `os.system` is never impo
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import importlib
 import os
@@ -88,8 +89,16 @@ _ALLOWED: tuple[str, ...] = (
 # numpy pickles dtypes by their class in numpy.dtypes (Float64DType, ...): only those
 # plain class names, never an attribute path (numpy.dtypes.__loader__.set_data writes files).
 _ALLOWED_DTYPE_MODULE = "numpy.dtypes"
-# Names a pickle may give for a module that moved (protocol 2 pickles from Python 2 too).
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg", "pathlib._local": "pathlib"}
+# Names a pickle may give for a module that moved: pathlib's in Python 3.13; and Python 2's
+# names, which protocol 2 pickles (all of torch.save's) still use for int, str and range.
+_MODULE_ALIASES = {**_compat_pickle.IMPORT_MAPPING, "pathlib._local": "pathlib"}
+
+
+def _current_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 module and name for a global as the pickle spells it (`__builtin__.long` is int)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _MODULE_ALIASES.get(module, module), name
 
 
 class Placeholder:
@@ -185,7 +194,7 @@ class GlobalResolver:
         self._classes: dict[str, type[Placeholder]] = {}
 
     def resolve(self, module: str, name: str) -> Any:
-        module = _MODULE_ALIASES.get(module, module)
+        module, name = _current_name(module, name)
         full = f"{module}.{name}"
         if full in self.overrides:
             return self.overrides[full]

@@ -260,3 +260,20 @@ def test_differing_integer_tensors_make_the_command_copy_them(tmp_path: Path) ->
     result = run_inspect(tmp_path)
     assert f"ckpt-avg --start 2 --int-policy last {tmp_path} -o avg.pt" in result.stdout
     assert "Warning: integer tensor(s) 'mask' differ between the checkpoints the suggestion averages" in result.stderr
+
+
+def test_trainer_directories_get_a_directory_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainer `checkpoint-N/` directories: the suggestion writes a directory from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    for epoch, state in enumerate(synthetic_states(16)):
+        directory = run / f"checkpoint-{100 * (epoch + 1)}"
+        directory.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    out = run_inspect("run/").stdout
+    command = shlex.split(out.splitlines()[-1])
+    assert command[0] == "ckpt-avg" and command[-2:] == ["-o", "avg/"], out
+    run_cli(*command[1:])
+    assert (tmp_path / "avg" / "model.safetensors").is_file()

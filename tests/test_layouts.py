@@ -93,7 +93,8 @@ def fairseq_run(root: Path, dtype: torch.dtype) -> Run:
             "extra_state": {
                 "metrics": {},
                 "previous_training_time": 12.5 * k,
-                "train_iterator": {"epoch": k, "iterations_in_epoch": 0, "shuffle": True},
+                # As fairseq saves it at the end of epoch k: the epoch to resume, none of it done.
+                "train_iterator": {"version": 2, "epoch": k + 1, "iterations_in_epoch": 0, "shuffle": True},
                 "val_loss": 4.0 - 0.1 * k,
             },
             "last_optimizer_state": optimizer_state(sd),
@@ -122,6 +123,7 @@ def timm_run(root: Path, dtype: torch.dtype) -> Run:
             "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=EPOCHS, amp=dtype != torch.float32),
             "metric": 50.0 + k,
             "state_dict_ema": ema,
+            "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": k},  # timm's --amp
         }
         torch.save(tree, directory / f"checkpoint-{k}.pth.tar")
         trees.append(tree)
@@ -209,7 +211,7 @@ def test_layout_averages_exactly(tmp_path: Path, layout: str, dtype: torch.dtype
     if run.key is None:
         assert "ckpt_avg" not in result  # a flat state dict stays loadable with strict=True
         return
-    for dropped in ("optimizer", "last_optimizer_state"):
+    for dropped in ("optimizer", "last_optimizer_state", "amp_scaler"):
         assert dropped not in result
     assert isinstance(result["args"], argparse.Namespace)
     assert result["args"] == last["args"]
@@ -387,3 +389,15 @@ def test_legacy_inputs(tmp_path: Path) -> None:
     result = load(out)
     assert_averaged(result["model_state_dict"], states)
     assert result["epoch"] == EPOCHS - 1
+
+
+@pytest.mark.parametrize(("layout", "metrics"), [("fairseq", {"val_loss"}), ("timm", {"metric"})])
+def test_inspect_shows_the_runs_metrics_not_its_bookkeeping(tmp_path: Path, layout: str, metrics: set[str]) -> None:
+    from click.testing import CliRunner
+
+    from ckpt_avg.inspect_cli import inspect_command
+
+    run = LAYOUTS[layout](tmp_path, torch.float32)
+    result = CliRunner().invoke(inspect_command, ["--json", str(run.directory)], catch_exceptions=False)
+    rows = json.loads(result.stdout)["rows"]
+    assert {name for row in rows for name in row["metrics"]} == metrics  # not version, previous_training_time

@@ -9,6 +9,7 @@ import fnmatch
 import glob as globbing
 import json
 import os
+import stat as stat_module
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -190,6 +191,18 @@ class _Found:
         name = os.path.basename(display.rstrip("/")) or display
         if self.name_glob and not fnmatch.fnmatch(name, self.name_glob):
             self.skipped.append(Skipped(display, f"name does not match --glob {self.name_glob}"))
+            return
+        irregular = [f for f in files if not stat_module.S_ISREG(os.stat(f).st_mode)]
+        if irregular:  # reading a FIFO blocks for ever, a device never ends
+            what = (
+                "not a regular file"
+                if irregular[0] == display
+                else f"its {os.path.basename(irregular[0])} is not a regular file"
+            )
+            reason = f"{what} (a FIFO, device or socket)"
+            if explicit:
+                raise DiscoveryError(f"{display}: cannot be a checkpoint: {reason}")
+            self.skipped.append(Skipped(display, reason))
             return
         info = parse_name(name, is_directory=is_directory)
         stat = os.stat(display)

@@ -69,7 +69,19 @@ def _rebuild_tensor_v2(
 ) -> LazyTensor:
     if not isinstance(storage, StorageRef):
         raise CheckpointError("tensor without a storage record")
-    return LazyTensor(storage, storage.dtype, tuple(size), tuple(stride), int(storage_offset))
+    if not (_is_int(storage_offset) and _are_ints(size) and _are_ints(stride) and len(size) == len(stride)):
+        raise CheckpointError(
+            f"a tensor with a malformed size {size!r}, stride {stride!r} or offset {storage_offset!r}"
+        )
+    return LazyTensor(storage, storage.dtype, tuple(size), tuple(stride), storage_offset)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _are_ints(values: Any) -> bool:
+    return isinstance(values, tuple | list) and all(_is_int(v) for v in values)
 
 
 def _rebuild_tensor_v3(

@@ -254,7 +254,8 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     builder = _TreeBuilder(layout, storages)
     tree = builder.build()
     nested = layout.choice.primary != ()
-    dropped = builder.dropped + _drop_unpicklable(tree, nested)
+    averaged = {path[0] for path in layout.names if path}
+    dropped = builder.dropped + _drop_unpicklable(tree, nested, averaged, layout.opened[-1].ref.display)
     archive = os.path.splitext(os.path.basename(output))[0] or "archive"
     with _temp_file(output) as (temp, file):
         writer = PtWriter(file, archive)
@@ -380,15 +381,20 @@ def _dotted(path: tuple[str, ...]) -> str:
     return ".".join(path) or "(top level)"
 
 
-def _drop_unpicklable(tree: Any, nested: bool) -> list[str]:
-    """Top-level entries that still hold a placeholder deep inside an object are left out."""
+def _drop_unpicklable(tree: Any, nested: bool, averaged: set[Any], where: str) -> list[str]:
+    """Top-level entries that still hold a placeholder deep inside an object are left out.
+
+    An entry holding averaged weights is never dropped: that would be an output without them.
+    """
     if not nested or not isinstance(tree, dict):
         return []
     dropped = []
     for key in list(tree):
         try:
             pickle_tree(tree[key])
-        except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
+            if key in averaged:
+                raise CheckpointError(f"{where}: cannot write {key!r} into a .pt file: {exc}") from None
             dropped.append(f"{key} (holds an object that could not be loaded safely)")
             del tree[key]
     return dropped

@@ -363,15 +363,52 @@ def _pickle_lies() -> dict[str, bytes]:
         "view-past-storage": edit(b"K\x08K\x04\x86q", b"K\x09K\x04\x86q"),
         "offset-past-storage": edit(b"K\x00K\x08K\x04\x86q", b"K\x05K\x08K\x04\x86q"),
         "numel-lies": edit(b"K tq", b"M\x00\x10tq"),
+        # torch.load refuses a size of floats; it must never reach the writers (it once
+        # made the .pt writer drop the whole averaged state dict and exit 0)
+        "float-size": edit(b"K\x08K\x04\x86q", b"G" + struct.pack(">d", 8.0) + b"K\x04\x86q"),
+        "size-and-stride-lengths-differ": edit(b"K\x08K\x04\x86q", b"K\x08K\x04K\x01\x87q"),
     }
 
 
 PICKLE_LIES = _pickle_lies()
 
 
+@pytest.mark.parametrize("suffix_out", [".safetensors", ".pt"])
 @pytest.mark.parametrize("case", sorted(PICKLE_LIES))
-def test_tensor_metadata_that_lies(tmp_path: Path, case: str) -> None:
-    run_broken(tmp_path, "epoch=1.pt", PICKLE_LIES[case])
+def test_tensor_metadata_that_lies(tmp_path: Path, case: str, suffix_out: str) -> None:
+    run_broken(tmp_path, "epoch=1.pt", PICKLE_LIES[case], suffix_out=suffix_out)
+
+
+def _runs_within(seconds: float, *args: object) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "ckpt_avg", *map(str, args)], capture_output=True, text=True, timeout=seconds
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ckpt-avg {' '.join(map(str, args))} hung")
+
+
+def test_fifos_and_devices_among_checkpoints_are_skipped_not_read(tmp_path: Path) -> None:
+    """A FIFO blocks whoever opens it; a device never ends. Neither is read, in any command."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for epoch in range(2):
+        (ckpts / f"epoch={epoch}.pt").write_bytes(zip_pt(epoch))
+    os.mkfifo(ckpts / "epoch=2.pt")
+    (ckpts / "checkpoint-300").mkdir()
+    os.symlink("/dev/zero", ckpts / "checkpoint-300" / "model.safetensors")
+    out = tmp_path / "avg.safetensors"
+    plan = _runs_within(20, "--dry-run", ckpts)
+    assert plan.returncode == 0, plan.stderr
+    skipped = [line for line in plan.stdout.splitlines() if "not a regular file" in line]
+    assert len(skipped) == 1 and "epoch=2.pt" in skipped[0], plan.stdout
+    assert "checkpoint-300" not in plan.stdout  # its weights are no file: not a checkpoint directory
+    assert _runs_within(20, ckpts, "-o", out).returncode == 0
+    assert _runs_within(20, "inspect", ckpts).returncode == 0
+    named = _runs_within(20, ckpts / "epoch=2.pt", ckpts / "epoch=0.pt", "-o", tmp_path / "b.safetensors")
+    assert named.returncode == 1 and named.stderr.startswith("Error: ") and "epoch=2.pt" in named.stderr
+    assert "not a regular file" in named.stderr and len(named.stderr.splitlines()) == 1
+    assert leftovers(tmp_path) == []
 
 
 def test_legacy_tar_member_that_is_a_fifo_does_not_hang(tmp_path: Path) -> None:

@@ -157,6 +157,22 @@ def _dtypes() -> list[torch.dtype]:
     return [v for v in vars(torch).values() if isinstance(v, torch.dtype)]
 
 
+# torch.save stores records uncompressed; a compressed one may expand this much, at most.
+_MAX_EXPANDED_BYTES = 64 << 20
+
+
+def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
+    """A small record's bytes: a compressed one must not unpack to gigabytes (a zip bomb)."""
+    limit = info.compress_size if info.compress_type == zipfile.ZIP_STORED else _MAX_EXPANDED_BYTES
+    with archive.open(info) as record:
+        data = record.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(
+            f"{path}: record {info.filename!r} unpacks to more than {limit:,} bytes from {info.compress_size:,}"
+        )
+    return data
+
+
 class TorchZip:
     """The records of a torch zip checkpoint and where each one's bytes lie."""
 
@@ -171,9 +187,9 @@ class TorchZip:
                 if len(pickles) != 1:
                     raise CheckpointError(f"{path}: not a torch.save archive (no single data.pkl)")
                 self.prefix = pickles[0][: -len("data.pkl")]
-                self.pickle = archive.read(pickles[0])
+                self.pickle = _read_bounded(archive, self._infos[pickles[0]], path)
                 byteorder = self._infos.get(self.prefix + "byteorder")
-                self.byteorder = archive.read(byteorder).decode() if byteorder else "little"
+                self.byteorder = _read_bounded(archive, byteorder, path).decode() if byteorder else "little"
         except CheckpointError:
             raise
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:

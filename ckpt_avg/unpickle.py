@@ -10,6 +10,7 @@ object still yields its tensors, and a payload such as `os.system` is never impo
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import contextlib
 import importlib
 import os
@@ -192,6 +193,15 @@ class GlobalResolver:
         self.overrides = overrides
         self.placeholders: set[str] = set()
         self._classes: dict[str, type[Placeholder]] = {}
+        self.items_left = _MAX_CONSTRUCTED_ITEMS
+        self.classes_loaded: set[type] = set()  # allowlisted classes whose objects may hold a Constructor
+
+    def spend(self, items: int, what: str) -> None:
+        self.items_left -= items
+        if self.items_left < 0:
+            raise UnsafePickleError(
+                f"pickle builds more than {_MAX_CONSTRUCTED_ITEMS:,} items with {what} (a memory bomb?)"
+            )
 
     def resolve(self, module: str, name: str) -> Any:
         module, name = _current_name(module, name)
@@ -200,16 +210,20 @@ class GlobalResolver:
             return self.overrides[full]
         if self.policy.trust:
             return _import_global(module, name)
-        if full in _SIZED:
-            return _SIZED[full]
         if full in self.policy.extra_allowed:
             with importable_from_cwd():
                 return _import_global(module, name)
         if full in _ALLOWED or _is_numpy_dtype_class(module, name):
             try:
-                return _import_global(module, name)
+                real = _import_global(module, name)
             except (ImportError, AttributeError):
                 pass  # Not installed here: an inert placeholder keeps the tensors loadable.
+            else:
+                if full in _BUILDS:
+                    return Constructor(real, _BUILDS[full], self)
+                if isinstance(real, type):
+                    self.classes_loaded.add(real)
+                return real
         if full not in self._classes:
             self._classes[full] = placeholder_class(full)
             self.placeholders.add(full)
@@ -223,24 +237,107 @@ def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
         def find_class(self, module: str, name: str) -> Any:
             return resolver.resolve(module, name)
 
+        def load(self) -> Any:
+            return _unwrap_constructors(super().load(), resolver.classes_loaded, set())
+
     return RestrictedUnpickler
 
 
-_MAX_CONSTRUCTED_BYTES = 1 << 26
+# Items (elements, bytes) that the allowlisted constructors of one pickle may build.
+_MAX_CONSTRUCTED_ITEMS = 1 << 26
 
 
-def _bounded(kind: type[bytes] | type[bytearray]) -> Any:
-    """bytes(N) / bytearray(N) allocate N zero bytes: a pickle must not size our memory."""
-
-    def build(*args: Any) -> Any:
-        if args and isinstance(args[0], int) and not 0 <= args[0] <= _MAX_CONSTRUCTED_BYTES:
-            raise UnsafePickleError(f"pickle asks for a {kind.__name__} of {args[0]} bytes")
-        return kind(*args)
-
-    return build
+def _length(value: Any) -> int:
+    try:
+        return len(value)
+    except OverflowError:  # range(10**30)
+        return _MAX_CONSTRUCTED_ITEMS + 1
+    except TypeError:
+        return 0
 
 
-_SIZED = {"builtins.bytes": _bounded(bytes), "builtins.bytearray": _bounded(bytearray)}
+def _first_length(args: tuple[Any, ...]) -> int:
+    return _length(args[0]) if args else 0
+
+
+def _byte_count(args: tuple[Any, ...]) -> int:
+    if args and isinstance(args[0], int):  # bytes(N) allocates N zero bytes
+        return max(args[0], 0) if args[0] >= 0 else _MAX_CONSTRUCTED_ITEMS + 1
+    return _first_length(args)
+
+
+def _shape_items(shape: Any) -> int:
+    dims = shape if isinstance(shape, tuple | list) else (shape,)
+    total = 1
+    for dim in dims:
+        if not isinstance(dim, int) or dim < 0:
+            return 0  # numpy refuses it itself
+        total *= dim
+        if total > _MAX_CONSTRUCTED_ITEMS:
+            break
+    return total
+
+
+# How many items each copying constructor builds from its arguments.
+_BUILDS: dict[str, Callable[[tuple[Any, ...]], int]] = {
+    **dict.fromkeys(
+        ("builtins.list", "builtins.tuple", "builtins.set", "builtins.frozenset", "builtins.dict",
+         "collections.OrderedDict", "collections.Counter", "collections.deque", "torch.Size"),
+        _first_length,
+    ),
+    "builtins.bytes": _byte_count,
+    "builtins.bytearray": _byte_count,
+    "collections.defaultdict": lambda args: _length(args[1]) if len(args) > 1 else 0,
+    "copyreg._reconstructor": lambda args: _length(args[2]) if len(args) > 2 else 0,
+    "numpy.ndarray": lambda args: _shape_items(args[0]) if args else 0,
+    "numpy.core.multiarray._reconstruct": lambda args: _shape_items(args[1]) if len(args) > 1 else 0,
+    "numpy._core.multiarray._reconstruct": lambda args: _shape_items(args[1]) if len(args) > 1 else 0,
+}  # fmt: skip
+
+
+class Constructor:
+    """An allowlisted class or function as a pickle calls it, counting what it builds.
+
+    A few hundred bytes of pickle can otherwise build gigabytes: `list(range(10**9))`,
+    `bytes(10**12)`, or `list(L)` repeated on one memoized list. Where the pickle keeps the
+    class itself as a value (a type in hyper-parameters), the loaded tree holds the real one.
+    """
+
+    def __init__(self, real: Any, builds: Callable[[tuple[Any, ...]], int], resolver: GlobalResolver) -> None:
+        self.real = real
+        self.builds = builds
+        self.resolver = resolver
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.resolver.spend(self.builds(args) + len(kwargs), getattr(self.real, "__name__", "a constructor"))
+        return self.real(*args, **kwargs)
+
+
+def _unwrap_constructors(node: Any, classes: set[type], seen: set[int]) -> Any:
+    """The loaded tree with every `Constructor` left in it as a value replaced by its class.
+
+    Objects are walked through their `__dict__` too (omegaconf keeps `dict` as a type in
+    its metadata), each once: their parent links make cycles.
+    """
+    if isinstance(node, Constructor):
+        return node.real
+    if id(node) in seen or isinstance(node, str | bytes | int | float | Placeholder) or node is None:
+        return node
+    seen.add(id(node))
+    if isinstance(node, dict):
+        for key, value in node.items():
+            node[key] = _unwrap_constructors(value, classes, seen)
+        if isinstance(node, collections.defaultdict) and isinstance(node.default_factory, Constructor):
+            node.default_factory = node.default_factory.real  # defaultdict(dict): omegaconf's caches
+    elif isinstance(node, list):
+        node[:] = [_unwrap_constructors(v, classes, seen) for v in node]
+    elif type(node) in (tuple, set, frozenset):
+        node = type(node)(_unwrap_constructors(v, classes, seen) for v in node)
+    elif type(node) in classes and isinstance(getattr(node, "__dict__", None), dict):
+        attributes = vars(node)
+        for key, value in attributes.items():
+            attributes[key] = _unwrap_constructors(value, classes, seen)
+    return node
 
 
 # Modules whose classes act on the system: never allowlisted, even when asked for.

@@ -450,6 +450,73 @@ def zip_with_hyper_parameters(body: bytes) -> bytes:
     return rebuild_zip(data.getvalue(), change)
 
 
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _call(function: bytes, *args: bytes) -> bytes:
+    return function + b"(" + b"".join(args) + b"tR"
+
+
+def _int(value: int) -> bytes:
+    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+
+
+_MEMO = struct.pack("<I", 1_000_000)  # far above the indices torch.save uses
+BOMBS = {
+    # a few hundred bytes that would build gigabytes out of allowlisted constructors
+    "list-of-a-range": _call(_global("__builtin__", "list"), _call(_global("__builtin__", "xrange"), _int(10**9))),
+    "set-of-a-range": _call(_global("builtins", "set"), _call(_global("builtins", "range"), _int(10**9))),
+    "bytes-of-a-size": _call(_global("__builtin__", "bytes"), _int(10**12)),
+    "numpy-array-of-a-shape": _call(_global("numpy", "ndarray"), b"(" + _int(10**5) + _int(10**5) + b"t"),
+    # one list of 200,000 items, memoized, copied 400 times: quadratic in the file's size
+    "copies-of-a-memoized-list": b"]("
+    + b"K\x01" * 200_000
+    + b"er"
+    + _MEMO
+    + b"0("
+    + _call(_global("builtins", "list"), b"j" + _MEMO) * 400
+    + b"l",
+}
+
+
+def test_a_compressed_pickle_that_unpacks_to_gigabytes_is_refused(tmp_path: Path) -> None:
+    """A zip bomb: data.pkl deflated, 200 MB of padding inside a file of 200 KB."""
+    pickled = io.BytesIO()
+    torch.save(state_dict(1), pickled)
+    with zipfile.ZipFile(pickled) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        body = archive.read(name)
+    padding = 200_000_000
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w") as out, zipfile.ZipFile(pickled) as archive:
+        for info in archive.infolist():
+            if info.filename != name:
+                out.writestr(info, archive.read(info))
+                continue
+            packed = zipfile.ZipInfo(name)
+            packed.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(packed, "w", force_zip64=True) as record:
+                record.write(b"\x80\x04\x8e" + padding.to_bytes(8, "little"))  # BINBYTES8, then POP
+                zeros = bytes(1 << 24)
+                for _ in range(padding // len(zeros)):
+                    record.write(zeros)
+                record.write(bytes(padding % len(zeros)) + b"0" + body[2:])
+    assert len(bomb.getvalue()) < 1 << 20
+    with memory_guard(1 << 30):
+        message = run_broken(tmp_path, "epoch=1.pt", bomb.getvalue())
+    assert "unpacks to more than" in message
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_pickles_that_build_huge_objects_are_refused_early(tmp_path: Path, case: str) -> None:
+    with memory_guard(2 << 30):
+        message = run_broken(tmp_path, "epoch=1.pt", zip_with_hyper_parameters(BOMBS[case]), suffix_out=".pt")
+    assert "builds more than" in message, message
+    assert (tmp_path / "epoch=1.pt").stat().st_size < 1 << 20
+
+
 @pytest.mark.parametrize("output", ["avg.pt", "avg.safetensors"])
 def test_deeply_nested_metadata(tmp_path: Path, output: str) -> None:
     """hyper_parameters nested 100,000 lists deep: averaged, or one clean error naming the file."""

@@ -208,6 +208,8 @@ def _validate(options: Options, output: str | None = None) -> None:
         raise UsageError("--weights and --ema cannot be used together")
     if options.weights is not None and (any(w < 0 for w in options.weights) or sum(options.weights) <= 0):
         raise UsageError("--weights must be non-negative and not sum to zero")
+    if any(not prefix for prefix in options.strip_prefix):
+        raise UsageError("--strip-prefix must not be empty")
     check_device(options.device)
     for name in options.allow_global:
         with importable_from_cwd():

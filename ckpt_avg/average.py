@@ -129,11 +129,14 @@ def mixing_weights(count: int, weights: Sequence[float] | None, ema: float | Non
         raise UsageError(f"--weights has {len(weights)} values but {count} checkpoints are selected")
     if any(w < 0 for w in weights) or not all(w == w and w != float("inf") for w in weights):
         raise UsageError("--weights must be finite and non-negative")
-    total = sum(weights)
-    if total <= 0:
+    if max(weights) <= 0:
         raise UsageError("--weights must not sum to zero")
     if len(set(weights)) == 1:
         return None
+    total = sum(weights)
+    if total == float("inf"):  # 1e308,1e308: scale down first, or every weight would be 0
+        weights = [w / max(weights) for w in weights]
+        total = sum(weights)
     return tuple(w / total for w in weights)
 
 

@@ -73,7 +73,7 @@ def _strip_key(key: str, prefixes: tuple[str, ...]) -> tuple[str, tuple[str, ...
     while changed:
         changed = False
         for prefix in prefixes:
-            if key.startswith(prefix) and len(key) > len(prefix):
+            if prefix and key.startswith(prefix) and len(key) > len(prefix):
                 key = key[len(prefix) :]
                 found.append(prefix)
                 changed = True

@@ -77,6 +77,7 @@ USAGE = [
     (("--int-policy", "average"), ("--int-policy",)),
     (("--bn-model", "train:model"), ("--bn-model and --bn-data go together",)),
     (("--bn-model", "a:b", "--bn-data", "c:d", "--bn-batch-size", "0"), ("--bn-batch-size",)),
+    (("--strip-prefix", ""), ("--strip-prefix must not be empty",)),  # once looped for ever
 ]
 
 
@@ -168,3 +169,14 @@ def test_output_that_is_a_left_out_candidate_is_still_an_input(ckpts: Path) -> N
     """
     assert_refused(ckpts, ckpts, "--last", "1", "-o", ckpts / "epoch=0.pt", "--force", code=1,
                    says=("OUTPUT is one of the inputs",))  # fmt: skip
+
+
+def test_huge_weights_are_normalised_not_zeroed(ckpts: Path, tmp_path: Path) -> None:
+    """1e308 and 1.5e308 sum to inf: the weights are still 0.4 and 0.6 of the mean, not 0."""
+    huge, small = tmp_path / "huge.pt", tmp_path / "small.pt"
+    run_cli(ckpts, "--last", "2", "--weights", "1e308,1.5e308", "-o", huge)
+    run_cli(ckpts, "--last", "2", "--weights", "2,3", "-o", small)
+    for key in ("w", "b"):
+        a = torch.load(huge, weights_only=True)["state_dict"][key]
+        b = torch.load(small, weights_only=True)["state_dict"][key]
+        assert torch.allclose(a, b, rtol=1e-6, atol=0) and b.abs().sum() > 0

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import MismatchError, NonFiniteError, UsageError
-from .lazy import TensorLeaf, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
+from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "global_step", "num_updates")
@@ -203,27 +203,30 @@ class _Readers:
             thread.start()
 
     def _run(self, group: int) -> None:
-        loaded: dict[int, torch.Tensor] = {}  # strided leaves of the current unit, read whole once
-        for k, step in enumerate(self.steps):
-            slot = k % self.slots
-            self.free[group][slot].acquire()
-            if self.stop.is_set():
-                return
-            failed = False
-            try:
-                if step.first:
-                    loaded.clear()
-                ahead = self.steps[k + self.slots] if k + self.slots < len(self.steps) else None
-                self._read(step, ahead, slot, self.groups[group], loaded)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-                self.errors[slot] = exc
-                failed = True
-            self.filled[group][slot].release()
-            if failed:
-                return
+        spilled: dict[int, SpilledTensor] = {}  # strided leaves of the current unit, copied out once
+        try:
+            for k, step in enumerate(self.steps):
+                slot = k % self.slots
+                self.free[group][slot].acquire()
+                if self.stop.is_set():
+                    return
+                failed = False
+                try:
+                    if step.first:
+                        close_spilled(spilled)
+                    ahead = self.steps[k + self.slots] if k + self.slots < len(self.steps) else None
+                    self._read(step, ahead, slot, self.groups[group], spilled)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                    self.errors[slot] = exc
+                    failed = True
+                self.filled[group][slot].release()
+                if failed:
+                    return
+        finally:
+            close_spilled(spilled)
 
     def _read(
-        self, step: _Step, ahead: _Step | None, slot: int, inputs: list[int], loaded: dict[int, torch.Tensor]
+        self, step: _Step, ahead: _Step | None, slot: int, inputs: list[int], spilled: dict[int, SpilledTensor]
     ) -> None:
         """Read (and hash) this thread's inputs for `step`; ask the kernel for `ahead`'s bytes."""
         visit, unit = step.visit, step.visit.unit
@@ -232,7 +235,7 @@ class _Readers:
             hasher = self.digests.inputs[i] if visit.digest else None
             if hasher is not None and step.first:
                 hasher.update(tensor_header(visit.name, leaf.dtype, unit.shape))
-            view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i], loaded)
+            view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i], spilled)
             self.views[slot][i] = view
             if ahead is not None:  # the kernel reads it while we hash and average
                 prefetch_leaf_range(ahead.visit.unit.leaves[i], ahead.start, ahead.count)

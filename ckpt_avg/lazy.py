@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -191,26 +192,80 @@ def prefetch_leaf_range(value: TensorLeaf, start: int, count: int) -> None:
         value.storage.reader.prefetch(value.storage.offset + (value.storage_offset + start) * size, count * size)
 
 
+class SpilledTensor:
+    """A strided tensor's elements in row-major order, in an unnamed temporary file.
+
+    A transposed or expanded view can only be read whole. Kept in memory for every input
+    while its chunks are averaged, it would make memory grow with the number of checkpoints;
+    spilled, it is read back by range like a contiguous tensor, and only one is ever whole
+    in memory at a time, whatever the number of reader threads.
+    """
+
+    _materialising = threading.Lock()
+
+    def __init__(self, value: TensorLeaf) -> None:
+        self.dtype = value.dtype
+        self.numel = leaf_numel(value)
+        self.file = tempfile.TemporaryFile(prefix="ckpt-avg-spill-")  # noqa: SIM115 - closed by close()
+        try:
+            with self._materialising:
+                flat = load_leaf(value).contiguous().reshape(-1).view(torch.uint8)
+                data = flat.numpy().data.cast("B")
+                done = 0
+                while done < len(data):
+                    done += os.write(self.file.fileno(), data[done : done + (64 << 20)])
+                del data, flat
+        except BaseException:
+            self.file.close()
+            raise
+
+    def read_into(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        size = itemsize(self.dtype)
+        view = out.numpy().data.cast("B")[: count * size]
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.file.fileno(), [view[done:]], start * size + done)
+            if got <= 0:
+                raise CheckpointError("the temporary copy of a strided tensor was cut short")
+            done += got
+        return out[: count * size].view(self.dtype)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def fill_leaf_range(
-    value: TensorLeaf, start: int, count: int, buffer: torch.Tensor, loaded: dict[int, torch.Tensor] | None = None
+    value: TensorLeaf, start: int, count: int, buffer: torch.Tensor, spilled: dict[int, SpilledTensor] | None = None
 ) -> torch.Tensor:
     """Elements [start, start+count) in row-major order, read into `buffer` (uint8, large enough).
 
     Returns a flat view of `buffer` in the leaf's dtype. A contiguous lazy tensor is read with
-    one `pread` straight into the buffer; a strided one is read whole once (kept in `loaded`
-    while its chunks are taken) and copied from.
+    one `pread` straight into the buffer; a strided one is spilled to a temporary file once
+    (kept in `spilled` while its chunks are taken) and read back from there.
     """
     out = buffer[: count * itemsize(value.dtype)]
     if isinstance(value, LazyTensor) and value.is_contiguous():
         return value.read_range(start, count, out)
-    flat = loaded.get(id(value)) if loaded is not None else None
-    if flat is None:
-        flat = (value.load() if isinstance(value, LazyTensor) else value.detach()).reshape(-1)
-        if loaded is not None and not (isinstance(value, torch.Tensor) and value.is_contiguous()):
-            loaded[id(value)] = flat
-    typed = out.view(value.dtype)
-    typed.copy_(flat[start : start + count])
-    return typed
+    if isinstance(value, torch.Tensor) and value.is_contiguous():
+        typed = out.view(value.dtype)
+        typed.copy_(value.detach().reshape(-1)[start : start + count])
+        return typed
+    spill = spilled.get(id(value)) if spilled is not None else None
+    if spill is None:
+        spill = SpilledTensor(value)
+        if spilled is None:
+            try:
+                return spill.read_into(start, count, out)
+            finally:
+                spill.close()
+        spilled[id(value)] = spill
+    return spill.read_into(start, count, out)
+
+
+def close_spilled(spilled: dict[int, SpilledTensor]) -> None:
+    for spill in spilled.values():
+        spill.close()
+    spilled.clear()
 
 
 def load_leaf(value: TensorLeaf) -> torch.Tensor:

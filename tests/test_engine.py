@@ -6,6 +6,8 @@ drives the chunked, blocked and device (whole-chunk) paths a large model takes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,56 @@ def test_budgets_do_not_change_the_bytes_or_digests(tmp_path: Path, monkeypatch:
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "a2.safetensors").read_bytes()
     assert first.output_digest == second.output_digest
     assert [c.tensor_digest for c in first.selected] == [c.tensor_digest for c in second.selected]
+
+
+def _strided_inputs(directory: Path, count: int) -> list[dict[str, torch.Tensor]]:
+    directory.mkdir()
+    generator = torch.Generator().manual_seed(3)
+    states = []
+    for epoch in range(count):
+        state = {
+            "transposed": torch.randn(37, 1001, generator=generator).t(),  # saved as a strided view
+            "expanded": torch.randn(5, 1, generator=generator).expand(5, 999),  # stride 0
+            "plain": torch.randn(777, generator=generator),
+        }
+        torch.save(state, directory / f"epoch_{epoch}.pt")
+        states.append(state)
+    return states
+
+
+def test_strided_views_stay_exact_and_digest_like_contiguous_ones(tmp_path: Path, tiny_budgets: None) -> None:
+    states = _strided_inputs(tmp_path / "views", 5)
+    (tmp_path / "dense").mkdir()
+    for epoch, state in enumerate(states):
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "dense" / f"epoch_{epoch}.safetensors")
+    views = average_checkpoints([str(tmp_path / "views")], str(tmp_path / "a.safetensors"))
+    dense = average_checkpoints([str(tmp_path / "dense")], str(tmp_path / "b.safetensors"))
+    result = load_file(tmp_path / "a.safetensors")
+    for key in states[0]:
+        assert torch.equal(result[key], oracle_mean([s[key] for s in states])), key
+    assert [c.tensor_digest for c in views.selected] == [c.tensor_digest for c in dense.selected]
+    assert views.output_digest == dense.output_digest
+
+
+def _peak_rss_mib(*args: str) -> float:
+    code = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = ['ckpt-avg', *{list(args)!r}]\n"
+        "try:\n    runpy.run_module('ckpt_avg', run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_memory_for_strided_views_does_not_grow_with_the_number_of_checkpoints(tmp_path: Path) -> None:
+    """A transposed 32 MiB tensor in each input: 12 inputs need no more than 4 did."""
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    for epoch in range(12):
+        torch.save({"w": torch.full((1024, 8192), float(epoch)).t()}, directory / f"epoch_{epoch}.pt")
+    few = _peak_rss_mib("--last", "4", str(directory), "-o", str(tmp_path / "few.safetensors"))
+    many = _peak_rss_mib(str(directory), "-o", str(tmp_path / "many.safetensors"))
+    assert many - few < 64, f"peak RSS {few:.0f} MiB with 4 inputs, {many:.0f} MiB with 12"
+    assert torch.equal(load_file(tmp_path / "many.safetensors")["w"], torch.full((8192, 1024), 5.5))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsafePickleError
 from .lazy import FileReader, LazyTensor, StorageRef, itemsize
 from .unpickle import GlobalResolver, PicklePolicy, Unpickled, loads_checked
 
@@ -114,6 +114,20 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple[Any, ...], state
     return func(*args)
 
 
+class TypeOnly:
+    """A tensor class a pickle may name (as a tensor's Python type) but never call.
+
+    `torch.Tensor(4096)` would build a tensor of uninitialised memory: averaged, it puts this
+    process's heap bytes into the output, different on every run.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *_: Any, **__: Any) -> Any:
+        raise UnsafePickleError(f"pickle calls {self.name}(...), which builds a tensor of uninitialised memory")
+
+
 def _unsupported(kind: str) -> Any:
     def rebuild(*_: Any, **__: Any) -> UnsupportedTensor:
         return UnsupportedTensor(kind)
@@ -140,8 +154,8 @@ def _lazy_overrides() -> dict[str, Any]:
         "torch._utils._rebuild_meta_tensor_no_storage": _unsupported("meta"),
         "torch._utils._rebuild_device_tensor_from_numpy": _unsupported("numpy-backed"),
         "torch._utils._rebuild_device_tensor_from_cpu_tensor": _unsupported("device"),
-        "torch.Tensor": torch.Tensor,
-        "torch.nn.parameter.Parameter": torch.nn.Parameter,
+        "torch.Tensor": TypeOnly("torch.Tensor"),
+        "torch.nn.parameter.Parameter": TypeOnly("torch.nn.Parameter"),
     }
     for name in _STORAGE_DTYPES:
         overrides[f"torch.{name}"] = _storage_type(name)
@@ -277,12 +291,12 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
             "torch._utils._rebuild_tensor",
             "torch._utils._rebuild_parameter",
             "torch._utils._rebuild_parameter_with_state",
-            "torch._tensor._rebuild_from_type_v2",
         )
     }
     overrides = {**{str(d): d for d in _dtypes()}, **real_rebuilds, "torch.Size": torch.Size}
-    overrides["torch.nn.parameter.Parameter"] = torch.nn.Parameter
-    overrides["torch.Tensor"] = torch.Tensor
+    overrides["torch._tensor._rebuild_from_type_v2"] = _rebuild_from_type_v2  # needs no real class
+    overrides["torch.nn.parameter.Parameter"] = TypeOnly("torch.nn.Parameter")
+    overrides["torch.Tensor"] = TypeOnly("torch.Tensor")
     resolver = GlobalResolver(policy, overrides)
 
     restricted = unpickler_class(resolver)

@@ -509,6 +509,32 @@ def test_a_compressed_pickle_that_unpacks_to_gigabytes_is_refused(tmp_path: Path
     assert "unpacks to more than" in message
 
 
+@pytest.mark.parametrize("name", ["Tensor", "nn.parameter.Parameter"])
+def test_a_pickle_that_calls_a_tensor_class_is_refused(tmp_path: Path, name: str) -> None:
+    """torch.Tensor(4096) is uninitialised memory: averaged, the output would differ every run."""
+    body = _call(_global("torch" if name == "Tensor" else "torch.nn.parameter", name.rsplit(".", 1)[-1]), _int(4096))
+    message = run_broken(tmp_path, "epoch=1.pt", zip_with_hyper_parameters(body))
+    assert "uninitialised memory" in message
+
+
+def test_parameters_and_tensor_subclasses_in_zip_and_legacy_files_average(tmp_path: Path) -> None:
+    states = []
+    for epoch, legacy in enumerate([False, True, False]):
+        generator = torch.Generator().manual_seed(epoch)
+        state = {
+            "w": torch.nn.Parameter(torch.randn(3, 4, generator=generator)),
+            "b": torch.randn(4, generator=generator),
+        }
+        torch.save(state, tmp_path / f"epoch={epoch}.pt", _use_new_zipfile_serialization=not legacy)
+        states.append(state)
+    out = tmp_path / "avg.pt"
+    run_cli(tmp_path, "-o", out)
+    averaged = torch.load(out, weights_only=True)
+    for key in ("w", "b"):
+        expected = oracle_mean([s[key].detach() for s in states])
+        assert torch.equal(averaged[key], expected), key
+
+
 @pytest.mark.parametrize("case", sorted(BOMBS))
 def test_pickles_that_build_huge_objects_are_refused_early(tmp_path: Path, case: str) -> None:
     with memory_guard(2 << 30):

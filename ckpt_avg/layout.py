@@ -80,6 +80,20 @@ def _strip_key(key: str, prefixes: tuple[str, ...]) -> tuple[str, tuple[str, ...
     return key, tuple(found)
 
 
+def _state_dict_at(opened: OpenedCheckpoint, path: tuple[str, ...], last: str) -> dict[str, TensorLeaf]:
+    """The state dict at `path`, found in the last checkpoint, in another one (a mixed run?)."""
+    try:
+        node = get_path(opened.tree, path)
+    except (KeyError, IndexError, TypeError):
+        node = None
+    if not isinstance(node, dict):
+        raise MismatchError(
+            f"{opened.ref.display}: no state dict at {dotted(path)}, where {last} has the one averaged;"
+            " are these checkpoints from one run? (--key PATH picks another)"
+        )
+    return node
+
+
 def _prefix_hint(key_sets: list[set[str]]) -> list[str]:
     """The wrapper prefixes that are all that tells the key sets apart (empty if not so)."""
     stripped = [[_strip_key(k, KNOWN_PREFIXES) for k in keys] for keys in key_sets]
@@ -130,7 +144,7 @@ def build_layout(
     visits: list[Visit] = []
     computed: set[int] = set()
     for path in paths:
-        dicts = [strip_prefixes(get_path(o.tree, path), strip_prefix, o.ref.display) for o in opened]
+        dicts = [strip_prefixes(_state_dict_at(o, path, files[-1]), strip_prefix, o.ref.display) for o in opened]
         _check_keys(dicts, files, path)
         names[path] = {}
         for name in sorted(dicts[-1]):

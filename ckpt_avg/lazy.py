@@ -17,15 +17,9 @@ import torch
 
 from .errors import CheckpointError
 
-DTYPE_SIZES: dict[torch.dtype, int] = {}
-
 
 def itemsize(dtype: torch.dtype) -> int:
-    size = DTYPE_SIZES.get(dtype)
-    if size is None:
-        size = torch.empty((), dtype=dtype).element_size()
-        DTYPE_SIZES[dtype] = size
-    return size
+    return dtype.itemsize
 
 
 class FileReader:

@@ -77,9 +77,11 @@ def read_header(path: str) -> SafetensorsFile:
         raise CheckpointError(f"{path}: corrupt safetensors header (claims {length} bytes)")
     raw = bytes(reader.read(8, length).numpy())
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, a duplicate key, a huge integer
         raise CheckpointError(f"{path}: corrupt safetensors header: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -97,11 +99,22 @@ def read_header(path: str) -> SafetensorsFile:
     return SafetensorsFile(path, tensors, dict(metadata))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: safetensors refuses a tensor named twice, and so do we."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} appears twice")
+        seen.add(key)
+    return dict(pairs)
+
+
 def _entry_tensor(path: str, reader: FileReader, name: str, entry: Any, data_start: int, data_size: int) -> LazyTensor:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
-    dtype = DTYPE_NAMES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    name_of_dtype = entry.get("dtype")
+    dtype = DTYPE_NAMES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape: list[int] = entry.get("shape")  # type: ignore[assignment]

@@ -76,6 +76,8 @@ def validate_options(options: SelectOptions) -> None:
     """Usage errors that need no candidates to detect."""
     if options.by not in (None, "epoch", "step"):
         raise UsageError(f"--by must be epoch or step, not {options.by!r}")
+    if options.start is not None and not math.isfinite(options.start):
+        raise UsageError(f"--start must be a whole index or a fraction between 0 and 1, not {options.start}")
     if options.start is not None and options.start < 0:
         raise UsageError(f"--start must be >= 0, not {options.start}")
     fraction = options.start is not None and 0 < options.start < 1

@@ -94,6 +94,8 @@ def _rebuild_tensor_v3(
     dtype: torch.dtype,
     *_: Any,
 ) -> LazyTensor:
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"a tensor whose dtype is {dtype!r}")
     tensor = _rebuild_tensor_v2(storage, storage_offset, size, stride)
     tensor.dtype = dtype
     return tensor
@@ -197,6 +199,9 @@ class TorchZip:
             with zipfile.ZipFile(path) as archive:
                 infos = archive.infolist()
                 self._infos = {info.filename: info for info in infos}
+                if len(self._infos) != len(infos):  # which of two torch.load reads is not defined
+                    twice = sorted({i.filename for i in infos if sum(j.filename == i.filename for j in infos) > 1})
+                    raise CheckpointError(f"{path}: corrupt zip checkpoint: record {twice[0]!r} appears twice")
                 pickles = [n for n in self._infos if n.endswith("/data.pkl") and n.count("/") == 1]
                 if len(pickles) != 1:
                     raise CheckpointError(f"{path}: not a torch.save archive (no single data.pkl)")

@@ -195,6 +195,7 @@ class GlobalResolver:
         self._classes: dict[str, type[Placeholder]] = {}
         self.items_left = _MAX_CONSTRUCTED_ITEMS
         self.classes_loaded: set[type] = set()  # allowlisted classes whose objects may hold a Constructor
+        self._snapshots: dict[int, tuple[Any, _State]] = {}
 
     def spend(self, items: int, what: str) -> None:
         self.items_left -= items
@@ -204,6 +205,26 @@ class GlobalResolver:
             )
 
     def resolve(self, module: str, name: str) -> Any:
+        found = self._resolve(module, name)
+        if not self.policy.trust and id(found) not in self._snapshots:
+            self._snapshots[id(found)] = (found, _mutable_state(found))
+        return found
+
+    def check_unchanged(self) -> None:
+        """Undo, and refuse, a pickle's changes to the classes and functions it was given.
+
+        BUILD on a class object sets attributes on the class itself: without this, a
+        checkpoint could change `argparse.Namespace` for the rest of a training script.
+        """
+        changed = []
+        for found, before in self._snapshots.values():
+            if _mutable_state(found) != before:
+                changed.append(getattr(found, "__qualname__", type(found).__name__))
+                _restore(found, before)
+        if changed:
+            raise UnsafePickleError(f"pickle changes the attributes of {', '.join(sorted(changed))}")
+
+    def _resolve(self, module: str, name: str) -> Any:
         module, name = _current_name(module, name)
         full = f"{module}.{name}"
         if full in self.overrides:
@@ -230,6 +251,36 @@ class GlobalResolver:
         return self._classes[full]
 
 
+_State = tuple[dict[str, Any] | None, Any, Any]
+
+
+def _mutable_state(found: Any) -> _State:
+    attributes = getattr(found, "__dict__", None)
+    return (
+        dict(attributes) if attributes is not None else None,
+        getattr(found, "__defaults__", None),
+        getattr(found, "__kwdefaults__", None),
+    )
+
+
+def _restore(found: Any, state: _State) -> None:
+    attributes, defaults, kwdefaults = state
+    with contextlib.suppress(AttributeError, TypeError):
+        if attributes is not None:
+            for key in set(vars(found)) - set(attributes):
+                delattr(found, key)
+            for key, value in attributes.items():
+                if vars(found).get(key, _MISSING) is not value:
+                    setattr(found, key, value)
+        if hasattr(found, "__defaults__"):
+            found.__defaults__ = defaults
+        if hasattr(found, "__kwdefaults__"):
+            found.__kwdefaults__ = kwdefaults
+
+
+_MISSING = object()
+
+
 def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
     """A `pickle.Unpickler` whose every global goes through `resolver`."""
 
@@ -238,7 +289,11 @@ def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
             return resolver.resolve(module, name)
 
         def load(self) -> Any:
-            return _unwrap_constructors(super().load(), resolver.classes_loaded, set())
+            try:
+                loaded = super().load()
+            finally:
+                resolver.check_unchanged()
+            return _unwrap_constructors(loaded, resolver.classes_loaded, set())
 
     return RestrictedUnpickler
 

@@ -187,6 +187,15 @@ LYING_HEADERS: dict[str, bytes] = {
     "length-too-short": st_file({"w": F32_4}, b"\0" * 16, length=5),
     "length-zero": st_file({"w": F32_4}, b"\0" * 16, length=0),
     "seven-bytes": b"\x10\0\0\0\0\0\0",
+    # safetensors.load_file refuses a name given twice; a reader that took the last one would
+    # average other bytes than the library does
+    "duplicate-key": st_file(
+        b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"w":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}',
+        b"\0" * 32,
+    ),
+    "dtype-not-a-string": st_file({"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16),
+    "header-nested-deep": st_file(b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
+    "shape-of-5000-digits": st_file(b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,16]}}', b""),
 }
 
 
@@ -367,6 +376,7 @@ def _pickle_lies() -> dict[str, bytes]:
         # made the .pt writer drop the whole averaged state dict and exit 0)
         "float-size": edit(b"K\x08K\x04\x86q", b"G" + struct.pack(">d", 8.0) + b"K\x04\x86q"),
         "size-and-stride-lengths-differ": edit(b"K\x08K\x04\x86q", b"K\x08K\x04K\x01\x87q"),
+        "size-of-strings": edit(b"K\x08K\x04\x86q", b"X\x01\x00\x00\x00aX\x01\x00\x00\x00b\x86q"),
     }
 
 
@@ -507,6 +517,38 @@ def test_a_compressed_pickle_that_unpacks_to_gigabytes_is_refused(tmp_path: Path
     with memory_guard(1 << 30):
         message = run_broken(tmp_path, "epoch=1.pt", bomb.getvalue())
     assert "unpacks to more than" in message
+
+
+def test_a_checkpoint_without_the_state_dict_the_last_one_has(tmp_path: Path) -> None:
+    """A plain state dict among Lightning checkpoints (or a key a mutation renamed)."""
+    message = run_broken(tmp_path, "epoch=1.pt", legacy_pt(1).replace(b"state_dict", b"\x00tate_dict", 1))
+    assert "no state dict at" in message and "are these checkpoints from one run?" in message
+
+
+def test_a_record_name_given_twice_is_refused(tmp_path: Path) -> None:
+    """Which of two `data/0` records torch.load reads depends on its zip index: refuse, never guess."""
+    good = io.BytesIO()
+    torch.save(state_dict(1), good)
+    twice = io.BytesIO()
+    with zipfile.ZipFile(good) as archive, zipfile.ZipFile(twice, "w") as out:
+        for name in archive.namelist():
+            data = archive.read(name)
+            out.writestr(name, data)
+            if name.endswith("/data/0"):
+                with pytest.warns(UserWarning, match="Duplicate name"):
+                    out.writestr(name, bytes(len(data)))
+    message = run_broken(tmp_path, "epoch=1.pt", twice.getvalue())
+    assert "appears twice" in message
+
+
+def test_a_pickle_that_changes_an_allowed_class_is_refused_and_undone(tmp_path: Path) -> None:
+    """BUILD on the class object itself: every later Namespace would have fp16=True."""
+    import argparse
+
+    body = _global("argparse", "Namespace") + b"N}(X\x04\x00\x00\x00fp16\x88u\x86b"  # BUILD (None, {fp16: True})
+    message = run_broken(tmp_path, "epoch=1.pt", zip_with_hyper_parameters(body))
+    assert "changes the attributes of Namespace" in message
+    assert not hasattr(argparse.Namespace, "fp16") and not hasattr(argparse.Namespace(), "fp16")
 
 
 @pytest.mark.parametrize("name", ["Tensor", "nn.parameter.Parameter"])

@@ -293,7 +293,7 @@ def unpickler_class(resolver: GlobalResolver) -> type[pickle.Unpickler]:
                 loaded = super().load()
             finally:
                 resolver.check_unchanged()
-            return _unwrap_constructors(loaded, resolver.classes_loaded, set())
+            return _unwrap_constructors(loaded, resolver.classes_loaded, {})
 
     return RestrictedUnpickler
 
@@ -317,7 +317,7 @@ def _first_length(args: tuple[Any, ...]) -> int:
 
 def _byte_count(args: tuple[Any, ...]) -> int:
     if args and isinstance(args[0], int):  # bytes(N) allocates N zero bytes
-        return max(args[0], 0) if args[0] >= 0 else _MAX_CONSTRUCTED_ITEMS + 1
+        return args[0] if args[0] >= 0 else _MAX_CONSTRUCTED_ITEMS + 1
     return _first_length(args)
 
 
@@ -368,30 +368,35 @@ class Constructor:
         return self.real(*args, **kwargs)
 
 
-def _unwrap_constructors(node: Any, classes: set[type], seen: set[int]) -> Any:
+def _unwrap_constructors(node: Any, classes: set[type], done: dict[int, Any]) -> Any:
     """The loaded tree with every `Constructor` left in it as a value replaced by its class.
 
     Objects are walked through their `__dict__` too (omegaconf keeps `dict` as a type in
-    its metadata), each once: their parent links make cycles.
+    its metadata), each once: their parent links make cycles. `done` maps each container
+    seen to what replaces it (a rebuilt tuple), so a shared one stays shared.
     """
     if isinstance(node, Constructor):
         return node.real
-    if id(node) in seen or isinstance(node, str | bytes | int | float | Placeholder) or node is None:
+    if isinstance(node, str | bytes | int | float | Placeholder) or node is None:
         return node
-    seen.add(id(node))
+    if id(node) in done:
+        return done[id(node)]
+    done[id(node)] = node
     if isinstance(node, dict):
         for key, value in node.items():
-            node[key] = _unwrap_constructors(value, classes, seen)
+            node[key] = _unwrap_constructors(value, classes, done)
         if isinstance(node, collections.defaultdict) and isinstance(node.default_factory, Constructor):
             node.default_factory = node.default_factory.real  # defaultdict(dict): omegaconf's caches
     elif isinstance(node, list):
-        node[:] = [_unwrap_constructors(v, classes, seen) for v in node]
+        node[:] = [_unwrap_constructors(v, classes, done) for v in node]
     elif type(node) in (tuple, set, frozenset):
-        node = type(node)(_unwrap_constructors(v, classes, seen) for v in node)
+        rebuilt = type(node)(_unwrap_constructors(v, classes, done) for v in node)
+        done[id(node)] = rebuilt
+        return rebuilt
     elif type(node) in classes and isinstance(getattr(node, "__dict__", None), dict):
         attributes = vars(node)
         for key, value in attributes.items():
-            attributes[key] = _unwrap_constructors(value, classes, seen)
+            attributes[key] = _unwrap_constructors(value, classes, done)
     return node
 
 

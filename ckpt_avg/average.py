@@ -9,6 +9,7 @@ the inputs, whatever the number of checkpoints or the size of the model.
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import math
@@ -396,7 +397,7 @@ class Engine:
         steps = self._steps(visits)
         if not steps:
             return
-        pending = {id(v.unit): sum(1 for w in visits if w.unit is v.unit and w.digest) for v in visits}
+        pending = collections.Counter(id(v.unit) for v in visits if v.digest)  # names still to hash, per unit
         pin = self.device.type == "cuda"
         inputs = len(steps[0].visit.unit.leaves)
         read_sizes = [max(s.count * itemsize(s.visit.unit.leaves[i].dtype) for s in steps) for i in range(inputs)]

@@ -365,6 +365,8 @@ class Constructor:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.resolver.spend(self.builds(args) + len(kwargs), getattr(self.real, "__name__", "a constructor"))
+        # A class handed to a class (defaultdict(dict), _reconstructor(cls, dict, state)) is the real one.
+        args = tuple(a.real if isinstance(a, Constructor) else a for a in args)
         return self.real(*args, **kwargs)
 
 

@@ -28,7 +28,7 @@ from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, validate_options
 from .sources import OpenedCheckpoint, content_meta, open_checkpoint
-from .statedict import StateDictChoice, dotted, find_state_dicts
+from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
 from .writers import write_output
@@ -302,6 +302,13 @@ class _Run:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
             self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
+        for opened in self.selected_opened:
+            if holds_lightning_swa_average(opened.tree):
+                self.warnings.append(
+                    f"{opened.ref.display} holds Lightning's SWA average (saved after StochasticWeightAveraging's"
+                    " BatchNorm epoch), not one epoch's weights: averaging it in counts that average again"
+                    f" (--end {opened.tree['epoch'] - 1} leaves it out)"
+                )
 
     def layout(self, output: str) -> Layout:
         assert self.choice is not None

@@ -171,3 +171,21 @@ def _listing(tree: Mapping[Any, Any]) -> str:
     names = [str(k) for k in tree]
     shown = ", ".join(names[:12])
     return shown + (f", ... ({len(names)} keys)" if len(names) > 12 else "")
+
+
+def holds_lightning_swa_average(tree: Any) -> bool:
+    """True for the checkpoint Lightning saves after StochasticWeightAveraging's BatchNorm epoch.
+
+    With BatchNorm layers, Lightning trains one epoch more to refresh their statistics, and
+    that epoch's checkpoint holds the SWA average: saved after the last averaging epoch.
+    """
+    callbacks = tree.get("callbacks") if isinstance(tree, dict) else None
+    epoch = tree.get("epoch") if isinstance(tree, dict) else None
+    if not isinstance(callbacks, dict) or not isinstance(epoch, int):
+        return False
+    for name, state in callbacks.items():
+        if isinstance(name, str) and name.startswith("StochasticWeightAveraging") and isinstance(state, dict):
+            latest, averaged = state.get("latest_update_epoch"), state.get("n_averaged")
+            if isinstance(latest, int) and isinstance(averaged, int) and averaged > 0 and epoch > latest:
+                return True
+    return False

@@ -72,3 +72,40 @@ def test_a_neighbouring_window_does_not_match(swa_run: tuple[Path, dict[str, tor
     run_cli("--start", SWA_START - 1, "--end", MAX_EPOCHS - 1, ckpts, "-o", out)
     ours = load_file(out)
     assert max((ours[k] - lightning_average[k]).abs().max().item() for k in ours) > 1e-3
+
+
+class BatchNormRegressor(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+        )
+
+
+def test_the_extra_batchnorm_epoch_holding_lightnings_average_is_named(
+    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """With BatchNorm, Lightning trains one epoch more and saves the SWA average as that epoch."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    model = BatchNormRegressor()
+    trainer = L.Trainer(
+        max_epochs=4,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, filename="{epoch}"),
+            StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data)
+    last = torch.load(tmp_path / "ckpts" / "epoch=4.ckpt", weights_only=False)
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in model.state_dict().items())  # the average
+    warned = run_cli("--dry-run", tmp_path / "ckpts").stderr
+    assert "epoch=4.ckpt holds Lightning's SWA average" in warned and "--end 3" in warned
+    assert "SWA average" not in run_cli("--dry-run", tmp_path / "ckpts", "--end", "3").stderr
+    raw_run, _ = swa_run
+    assert "SWA average" not in run_cli("--dry-run", raw_run).stderr  # no BatchNorm: no extra epoch

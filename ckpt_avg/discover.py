@@ -192,7 +192,7 @@ class _Found:
         if self.name_glob and not fnmatch.fnmatch(name, self.name_glob):
             self.skipped.append(Skipped(display, f"name does not match --glob {self.name_glob}"))
             return
-        irregular = [f for f in files if not stat_module.S_ISREG(os.stat(f).st_mode)]
+        irregular = [f for f in files if _exists_but_irregular(f)]
         if irregular:  # reading a FIFO blocks for ever, a device never ends
             what = (
                 "not a regular file"
@@ -238,6 +238,14 @@ class _Found:
             self.skipped.append(Skipped(old.display, f"same file as {new.display}", old.size))
         else:
             self.skipped.append(Skipped(new.display, f"same file as {old.display}", new.size))
+
+
+def _exists_but_irregular(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # a missing shard is an error only if that checkpoint is read
+    return not stat_module.S_ISREG(mode)
 
 
 def _size(path: str) -> int:

@@ -25,11 +25,11 @@ def itemsize(dtype: torch.dtype) -> int:
 class FileReader:
     """Positional reads from one file, safe to share between threads."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
-        self._fd: int | None = None
+        self._fd = fd  # given for an unnamed temporary file: it is gone once closed
         self._lock = threading.Lock()
-        self.size = os.path.getsize(path)
+        self.size = os.fstat(fd).st_size if fd is not None else os.path.getsize(path)
 
     def _descriptor(self) -> int:
         with self._lock:

@@ -9,6 +9,7 @@ unpickler, so they are read one at a time.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zipfile
 from typing import Any
@@ -350,7 +351,6 @@ def _spill(tree: Any, path: str) -> Any:
     A legacy file can only be loaded whole; spilling its storages lets the streaming kernel
     treat it like a zip checkpoint, so only one legacy file is in memory at a time.
     """
-    import atexit
     import tempfile
 
     tensors: list[torch.Tensor] = []
@@ -361,14 +361,15 @@ def _spill(tree: Any, path: str) -> Any:
 
     _map_tensors(tree, collect)
     placed: dict[int, tuple[int, int]] = {}  # storage pointer -> (offset, bytes) in the temp file
-    with tempfile.NamedTemporaryFile(prefix="ckpt-avg-legacy-", suffix=".bin", delete=False) as handle:
-        atexit.register(_remove_quietly, handle.name)
+    # Unnamed: nothing to clean up after any exit, even os._exit or kill -9.
+    with tempfile.TemporaryFile(prefix="ckpt-avg-legacy-") as handle:
         for tensor in tensors:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in placed:
                 placed[storage.data_ptr()] = (handle.tell(), storage.nbytes())
                 handle.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
-    reader = FileReader(handle.name)
+        handle.flush()
+        reader = FileReader(f"{path} (spilled)", fd=os.dup(handle.fileno()))  # keeps the file alive
 
     def lazy(tensor: torch.Tensor) -> LazyTensor:
         key = tensor.untyped_storage().data_ptr()
@@ -392,14 +393,6 @@ def _map_tensors(node: Any, function: Any) -> Any:
     if isinstance(node, tuple):
         return tuple(_map_tensors(v, function) for v in node)
     return node
-
-
-def _remove_quietly(path: str) -> None:
-    import contextlib
-    import os
-
-    with contextlib.suppress(OSError):
-        os.remove(path)
 
 
 def _import_torch(dotted: str) -> Any:

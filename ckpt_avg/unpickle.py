@@ -196,6 +196,7 @@ class GlobalResolver:
         self.items_left = _MAX_CONSTRUCTED_ITEMS
         self.classes_loaded: set[type] = set()  # allowlisted classes whose objects may hold a Constructor
         self._snapshots: dict[int, tuple[Any, _State]] = {}
+        self._vouched: set[int] = set()  # --allow-global classes
 
     def spend(self, items: int, what: str) -> None:
         self.items_left -= items
@@ -206,7 +207,7 @@ class GlobalResolver:
 
     def resolve(self, module: str, name: str) -> Any:
         found = self._resolve(module, name)
-        if not self.policy.trust and id(found) not in self._snapshots:
+        if not self.policy.trust and id(found) not in self._snapshots and id(found) not in self._vouched:
             self._snapshots[id(found)] = (found, _mutable_state(found))
         return found
 
@@ -233,7 +234,11 @@ class GlobalResolver:
             return _import_global(module, name)
         if full in self.policy.extra_allowed:
             with importable_from_cwd():
-                return _import_global(module, name)
+                vouched = _import_global(module, name)
+            self._vouched.add(id(vouched))  # the user's own class: it may keep caches of its own
+            if isinstance(vouched, type):
+                self.classes_loaded.add(vouched)
+            return vouched
         if full in _ALLOWED or _is_numpy_dtype_class(module, name):
             try:
                 real = _import_global(module, name)
@@ -333,8 +338,20 @@ def _shape_items(shape: Any) -> int:
     return total
 
 
+# numpy's scalar types, kept as values in configs (dtype=np.float32); called on a sequence
+# they build an array, so they count what they build like the containers.
+_NUMPY_SCALAR_TYPES = tuple(
+    f"numpy.{name}"
+    for name in (
+        "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "longdouble", "complex64", "complex128", "str_", "bytes_",
+    )
+)  # fmt: skip
+_ALLOWED = (*_ALLOWED, *_NUMPY_SCALAR_TYPES)
+
 # How many items each copying constructor builds from its arguments.
 _BUILDS: dict[str, Callable[[tuple[Any, ...]], int]] = {
+    **dict.fromkeys(_NUMPY_SCALAR_TYPES, _first_length),
     **dict.fromkeys(
         ("builtins.list", "builtins.tuple", "builtins.set", "builtins.frozenset", "builtins.dict",
          "collections.OrderedDict", "collections.Counter", "collections.deque", "torch.Size"),
@@ -387,10 +404,16 @@ def _unwrap_constructors(node: Any, classes: set[type], done: dict[int, Any]) ->
     if isinstance(node, dict):
         for key, value in node.items():
             node[key] = _unwrap_constructors(value, classes, done)
+        for key in [k for k in node if isinstance(k, Constructor)]:  # a type as a key: {int: ...}
+            node[key.real] = node.pop(key)
         if isinstance(node, collections.defaultdict) and isinstance(node.default_factory, Constructor):
             node.default_factory = node.default_factory.real  # defaultdict(dict): omegaconf's caches
     elif isinstance(node, list):
         node[:] = [_unwrap_constructors(v, classes, done) for v in node]
+    elif isinstance(node, collections.deque):
+        items = [_unwrap_constructors(v, classes, done) for v in node]
+        node.clear()
+        node.extend(items)
     elif type(node) in (tuple, set, frozenset):
         rebuilt = type(node)(_unwrap_constructors(v, classes, done) for v in node)
         done[id(node)] = rebuilt

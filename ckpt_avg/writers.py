@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -333,7 +334,10 @@ class _TreeBuilder:
         if isinstance(node, list | tuple):
             items = [self._node(v, (*path, str(i))) for i, v in enumerate(node)]
             kept = [v for v in items if v is not _DROP]
-            return type(node)(kept) if type(node) in (list, tuple) else kept
+            try:  # torch.Size and named tuples stay what they were
+                return type(node)(*kept) if hasattr(node, "_fields") else type(node)(kept)
+            except Exception:  # noqa: BLE001 - a sequence type that cannot be rebuilt so: a list
+                return kept
         return node
 
     def _mapping(self, node: dict[Any, Any], path: tuple[str, ...]) -> Any:
@@ -352,10 +356,13 @@ class _TreeBuilder:
             if child is not _DROP:
                 items.append((key, child))
         try:
-            result = type(node)()
-            result.update(items)
-            if hasattr(node, "__dict__") and type(node) not in (dict, OrderedDict):
-                result.__dict__.update(node.__dict__)
+            # A copy keeps the subclass and what it carries (a defaultdict's factory, an
+            # AttributeDict's attributes); items go in one by one, as `update` would count them
+            # in a Counter.
+            result = copy.copy(node)
+            result.clear()
+            for key, child in items:
+                result[key] = child
             return result
         except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
             return dict(items)

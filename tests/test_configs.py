@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import oracle_mean, run_cli
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -82,3 +83,53 @@ def test_a_namespace_of_python2_names_needs_no_trust(tmp_path: Path) -> None:
     report = _json_report(tmp_path, "-o", tmp_path / "avg.pt")
     assert report["placeholders"] == []
     assert torch.load(tmp_path / "avg.pt", weights_only=False)["args"] == args
+
+
+def test_metadata_comes_back_as_it_was(tmp_path: Path) -> None:
+    """Containers whose type carries meaning: a Counter's counts, a defaultdict's factory,
+    torch.Size, numpy scalar types kept as values, deques, sets, shared tuples."""
+    import collections
+
+    import numpy as np
+
+    shared = (1, (2, 3))
+    meta = {
+        "counter": collections.Counter("hello"),
+        "by_name": collections.defaultdict(list, {"a": [1]}),
+        "size": torch.Size([3, 4]),
+        "deque": collections.deque([1, 2, 3], maxlen=5),
+        "types": {"dtype": np.float32, "containers": [dict, list], int: "key is a type"},
+        "sets": ({1, 2}, frozenset({"a"})),
+        "nested": (shared, shared),
+        "args": argparse.Namespace(dtype=np.float16, kind=tuple, lr=0.1),
+    }
+    for epoch in range(3):
+        torch.save({"epoch": epoch, "state_dict": _weights(epoch), **meta}, tmp_path / f"epoch={epoch}.ckpt")
+    report = _json_report(tmp_path, "-o", tmp_path / "avg.ckpt")
+    assert report["placeholders"] == [] and [d for d in report["dropped"] if "training" not in d] == []
+    averaged = torch.load(tmp_path / "avg.ckpt", weights_only=False)
+    for key, value in meta.items():
+        assert averaged[key] == value and type(averaged[key]) is type(value), key
+    assert averaged["by_name"].default_factory is list and averaged["deque"].maxlen == 5
+
+
+def test_a_vouched_class_keeps_types_and_may_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--allow-global: the user's class may hold a type as a value and fill a class cache."""
+    (tmp_path / "vouched_cfg.py").write_text(
+        "class Cfg:\n"
+        "    def __init__(self):\n        self.container = tuple\n        self.extra = {'k': (1, 2)}\n"
+        "    def __setstate__(self, state):\n        type(self)._seen = True\n        self.__dict__.update(state)\n"
+        "    def __eq__(self, other):\n        return vars(self) == vars(other)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vouched_cfg  # type: ignore[import-not-found]
+
+    (tmp_path / "ckpts").mkdir()
+    for epoch in range(2):
+        torch.save(
+            {"epoch": epoch, "state_dict": _weights(epoch), "cfg": vouched_cfg.Cfg()}, f"ckpts/epoch={epoch}.ckpt"
+        )
+    report = _json_report("ckpts", "-o", "avg.ckpt", "--allow-global", "vouched_cfg.Cfg")
+    assert [d for d in report["dropped"] if "training" not in d] == []
+    assert torch.load("avg.ckpt", weights_only=False)["cfg"] == vouched_cfg.Cfg()

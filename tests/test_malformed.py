@@ -673,3 +673,35 @@ def test_mutated_files_exit_0_or_1_cleanly(mutation: tuple[str, bytes]) -> None:
             assert out.exists() and leftovers(directory) == []
         else:
             assert_clean_error(result, bad, out, directory)
+
+
+def test_a_trainer_directory_missing_a_shard_matters_only_if_selected(tmp_path: Path) -> None:
+    """A partly copied checkpoint-N/ beside good ones: averaging the good ones still works."""
+    run = tmp_path / "run"
+    for step in (100, 200, 300):
+        directory = run / f"checkpoint-{step}"
+        directory.mkdir(parents=True)
+        shards = {"model-00001-of-00002.safetensors": "a", "model-00002-of-00002.safetensors": "b"}
+        index = {"metadata": {}, "weight_map": {name: file for file, name in shards.items()}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        for file, name in shards.items():
+            if step == 300 and file.startswith("model-00002"):
+                continue  # still being copied
+            save_file({name: torch.full((2,), float(step))}, directory / file)
+    run_cli(run, "--end", "200", "-o", tmp_path / "avg.safetensors")
+    assert torch.equal(load_file(tmp_path / "avg.safetensors")["a"], torch.full((2,), 150.0))
+    result = run_cli(run, "-o", tmp_path / "all.safetensors", expect=1)
+    assert "checkpoint-300" in result.stderr and "model-00002-of-00002.safetensors" in result.stderr
+
+
+def test_legacy_files_leave_no_temporary_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Legacy storages are spilled to unnamed files: nothing is left, whatever the way out."""
+    import tempfile
+
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    for epoch in range(3):
+        (tmp_path / f"epoch={epoch}.pt").write_bytes(legacy_pt(epoch))
+    run_cli(tmp_path, "-o", tmp_path / "avg.pt")
+    assert list(spill.iterdir()) == []

@@ -11,7 +11,9 @@ import math
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,14 +29,24 @@ class FileReader:
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
-        self._fd = fd  # given for an unnamed temporary file: it is gone once closed
+        self._fd: int | None = None
+        self._closer: weakref.finalize[Any, FileReader] | None = None
         self._lock = threading.Lock()
+        if fd is not None:  # an unnamed temporary file: it is gone once closed
+            self._adopt(fd)
         self.size = os.fstat(fd).st_size if fd is not None else os.path.getsize(path)
+
+    def _adopt(self, fd: int) -> int:
+        # Closed when the last tensor read from this file is gone: a training script that
+        # averages in a loop must not run out of descriptors.
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        return fd
 
     def _descriptor(self) -> int:
         with self._lock:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                return self._adopt(os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
             return self._fd
 
     def read_into(self, buffer: torch.Tensor, offset: int) -> None:
@@ -69,9 +81,10 @@ class FileReader:
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            if self._closer is not None:
+                self._closer()
+                self._closer = None
+            self._fd = None
 
 
 @dataclass(frozen=True)

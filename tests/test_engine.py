@@ -6,6 +6,7 @@ drives the chunked, blocked and device (whole-chunk) paths a large model takes.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,24 @@ def test_memory_for_strided_views_does_not_grow_with_the_number_of_checkpoints(t
     many = _peak_rss_mib(str(directory), "-o", str(tmp_path / "many.safetensors"))
     assert many - few < 64, f"peak RSS {few:.0f} MiB with 4 inputs, {many:.0f} MiB with 12"
     assert torch.equal(load_file(tmp_path / "many.safetensors")["w"], torch.full((8192, 1024), 5.5))
+
+
+def test_averaging_in_a_loop_does_not_leak_file_descriptors(tmp_path: Path) -> None:
+    """The Python API from a training script: every input file is closed once the run is over."""
+    import gc
+
+    states = _inputs(tmp_path / "st", torch.float32)
+    (tmp_path / "pt").mkdir()
+    for epoch, state in enumerate(states):
+        torch.save(state, tmp_path / "pt" / f"epoch_{epoch}.pt", _use_new_zipfile_serialization=epoch % 2 == 0)
+
+    def open_descriptors() -> int:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    average_checkpoints([str(tmp_path / "st")], str(tmp_path / "warm.safetensors"))
+    before = open_descriptors()
+    for run in range(10):
+        for kind in ("st", "pt"):
+            average_checkpoints([str(tmp_path / kind)], str(tmp_path / f"{kind}{run}.pt"))
+    assert open_descriptors() - before < 4, "input files stay open after the run"

@@ -7,13 +7,15 @@ pages of a tensor that has been consumed never stay in this process's resident s
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -212,33 +214,30 @@ class SpilledTensor:
 
     def __init__(self, value: TensorLeaf) -> None:
         self.dtype = value.dtype
-        self.numel = leaf_numel(value)
-        self.file = tempfile.TemporaryFile(prefix="ckpt-avg-spill-")  # noqa: SIM115 - closed by close()
-        try:
-            with self._materialising:
-                flat = load_leaf(value).contiguous().reshape(-1).view(torch.uint8)
-                data = flat.numpy().data.cast("B")
-                done = 0
-                while done < len(data):
-                    done += os.write(self.file.fileno(), data[done : done + (64 << 20)])
-                del data, flat
-        except BaseException:
-            self.file.close()
-            raise
+        with self._materialising:  # the whole tensor lives only inside this statement
+            self.reader = unnamed_file_reader(
+                "a strided tensor's copy", functools.partial(_write_flat, load_leaf(value))
+            )
 
     def read_into(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         size = itemsize(self.dtype)
-        view = out.numpy().data.cast("B")[: count * size]
-        done = 0
-        while done < len(view):
-            got = os.preadv(self.file.fileno(), [view[done:]], start * size + done)
-            if got <= 0:
-                raise CheckpointError("the temporary copy of a strided tensor was cut short")
-            done += got
+        self.reader.read_into(out[: count * size], start * size)
         return out[: count * size].view(self.dtype)
 
     def close(self) -> None:
-        self.file.close()
+        self.reader.close()
+
+
+def _write_flat(tensor: torch.Tensor, file: IO[bytes]) -> None:
+    file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def unnamed_file_reader(name: str, fill: Callable[[IO[bytes]], object]) -> FileReader:
+    """A reader of an unnamed temporary file that `fill` writes: gone however the process ends."""
+    with tempfile.TemporaryFile(prefix="ckpt-avg-spill-") as file:
+        fill(file)
+        file.flush()
+        return FileReader(name, fd=os.dup(file.fileno()))
 
 
 def fill_leaf_range(

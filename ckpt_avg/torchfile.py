@@ -9,15 +9,14 @@ unpickler, so they are read one at a time.
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zipfile
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from .errors import CheckpointError, UnsafePickleError
-from .lazy import FileReader, LazyTensor, StorageRef, itemsize
+from .lazy import FileReader, LazyTensor, StorageRef, itemsize, unnamed_file_reader
 from .unpickle import GlobalResolver, PicklePolicy, Unpickled, loads_checked
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
@@ -351,8 +350,6 @@ def _spill(tree: Any, path: str) -> Any:
     A legacy file can only be loaded whole; spilling its storages lets the streaming kernel
     treat it like a zip checkpoint, so only one legacy file is in memory at a time.
     """
-    import tempfile
-
     tensors: list[torch.Tensor] = []
 
     def collect(tensor: torch.Tensor) -> torch.Tensor:
@@ -361,15 +358,15 @@ def _spill(tree: Any, path: str) -> Any:
 
     _map_tensors(tree, collect)
     placed: dict[int, tuple[int, int]] = {}  # storage pointer -> (offset, bytes) in the temp file
-    # Unnamed: nothing to clean up after any exit, even os._exit or kill -9.
-    with tempfile.TemporaryFile(prefix="ckpt-avg-legacy-") as handle:
+
+    def write_storages(file: IO[bytes]) -> None:
         for tensor in tensors:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in placed:
-                placed[storage.data_ptr()] = (handle.tell(), storage.nbytes())
-                handle.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
-        handle.flush()
-        reader = FileReader(f"{path} (spilled)", fd=os.dup(handle.fileno()))  # keeps the file alive
+                placed[storage.data_ptr()] = (file.tell(), storage.nbytes())
+                file.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data)
+
+    reader = unnamed_file_reader(f"{path} (spilled)", write_storages)
 
     def lazy(tensor: torch.Tensor) -> LazyTensor:
         key = tensor.untyped_storage().data_ptr()

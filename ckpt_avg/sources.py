@@ -155,14 +155,19 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
+        return value if -_INDEX_LIMIT <= value < _INDEX_LIMIT else None
     if isinstance(value, str) and value.isascii() and value.isdigit():  # not other scripts' digits
-        return int(value)
+        return _as_int(int(value)) if len(value) < 30 else None
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item) and type(value).__module__.startswith("numpy"):
         result = item()
         return result if isinstance(result, int) else None
     return None
+
+
+# No run reaches an epoch or step beyond int64; a larger number (10**5000 from a crafted
+# file) is not an index, and would not even print (Python's int-to-str digit limit).
+_INDEX_LIMIT = 2**63
 
 
 def _as_float(value: Any) -> float | None:

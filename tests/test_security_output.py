@@ -282,6 +282,14 @@ def test_overflowing_metrics_are_handled(tmp_path: Path) -> None:
     assert [r.metrics["val_loss"] for r in inspected.rows] == [math.inf, 0.5, 0.25, -math.inf]
 
 
+def test_an_epoch_beyond_any_run_is_not_an_index(tmp_path: Path) -> None:
+    for name, epoch in (("a.pt", 10**5000), ("b.pt", 2**70)):  # 10**5000 would not even print
+        torch.save({"epoch": epoch, "state_dict": {"w": torch.randn(2)}}, tmp_path / name)
+    result = run_cli("--dry-run", tmp_path, expect=1)
+    assert result.stderr.startswith("Error: cannot order the checkpoints: no epoch in ")
+    run_cli("--dry-run", tmp_path / "b.pt", tmp_path / "a.pt")  # named one by one: in the order given
+
+
 def test_a_dollar_in_a_metric_name_is_drawn_as_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     ckpts = tmp_path / "s"

@@ -11,7 +11,9 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +23,14 @@ import torch
 from . import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import UsageError
+from .errors import CkptAvgError, UsageError
 from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, validate_options
-from .sources import OpenedCheckpoint, content_meta, open_checkpoint
+from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
@@ -261,8 +264,11 @@ class _Run:
         self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
-        self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
+        self.candidates = self._candidates()
         self.plan = make_plan(self.candidates, options.select)
+        refuse_unindexed_order(
+            self.plan, [name for name, value in (("--ema", options.ema), ("--weights", options.weights)) if value]
+        )
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
 
@@ -271,22 +277,37 @@ class _Run:
             self._opened[ref.display] = open_checkpoint(ref, self.policy)
         return self._opened[ref.display]
 
-    def _candidate(self, ref: CheckpointRef) -> Candidate:
+    def _candidates(self) -> list[Candidate]:
+        notes: list[str] = []
+        neighbours: dict[str, list[str]] = defaultdict(list)
+        for ref in self.discovery.refs:
+            head, name = os.path.split(ref.display.rstrip("/"))
+            neighbours[head].append(name)
+        candidates = [
+            candidate_from(ref, self._meta(ref), neighbours[os.path.split(ref.display.rstrip("/"))[0]], notes)
+            for ref in self.discovery.refs
+        ]
+        self.warnings.extend(notes)
+        return mark_copies(candidates, self._open, self.options.key)
+
+    def _meta(self, ref: CheckpointRef) -> ContentMeta | None:
+        """The contents' indices: needed where the name has none, read anyway where cheap."""
         info = ref.name
         metric = self.options.select.metric
         needs_contents = (
-            (info.epoch is None and info.step is None)
+            (info.epoch is None and info.step is None and info.save is None)
             or info.is_alias
+            or info.dash_file
             or (metric is not None and metric not in info.metrics)
             or (self.options.select.by == "step" and info.step is None)
             or (self.options.select.by == "epoch" and info.epoch is None)
         )
-        if not needs_contents:
-            return Candidate(ref, info.epoch, info.step, dict(info.metrics))
-        meta = content_meta(self._open(ref))
-        epoch = info.epoch if info.epoch is not None else meta.epoch
-        step = info.step if info.step is not None else meta.step
-        return Candidate(ref, epoch, step, {**meta.metrics, **info.metrics})
+        if needs_contents:
+            return content_meta(self._open(ref))
+        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+            return content_meta(self._open(ref)) if cheap_to_open(ref) else None
+        except CkptAvgError:
+            return None  # read again, with its error, only if selected
 
     def open_selected(self) -> None:
         self.selected_opened = [self._open(c.ref) for c in self.plan.selected]

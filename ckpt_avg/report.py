@@ -95,7 +95,7 @@ def plan_table(report: Report) -> str:
     ]
     lines = [line.rstrip() for line in lines]
     chosen = len(report.selected)
-    order = "in the order given" if numbered else f"ordered by {report.by}"
+    order = "in the order given, names in natural order (no epoch or step)" if numbered else f"ordered by {report.by}"
     lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, {order}")
     if report.state_dict_key is not None:
         others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""

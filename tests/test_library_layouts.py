@@ -15,7 +15,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from click.testing import CliRunner
 from conftest import oracle_mean, run_cli
@@ -140,10 +139,8 @@ def espnet_run(directory: Path, epochs: int = 6, keep: int = 4) -> list[dict[str
     for epoch in range(1, epochs + 1):
         model = tiny_model(epoch)
         weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save(
-            {"model": model.state_dict(), "reporter": {"epoch": epoch, "stats": {}}, "optimizers": [], "schedulers": []},
-            directory / "checkpoint.pth",
-        )
+        resume = {"model": model.state_dict(), "reporter": {"epoch": epoch, "stats": {}}, "optimizers": []}
+        torch.save(resume, directory / "checkpoint.pth")
         torch.save(model.state_dict(), directory / f"{epoch}epoch.pth")
         for link, target in (("latest.pth", epoch), ("valid.acc.best.pth", min(epoch, 3))):
             if (directory / link).is_symlink():

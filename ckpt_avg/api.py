@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shlex
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -125,10 +127,10 @@ def average_checkpoints(
     report.output_digest = written.output_digest
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
-    report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
+    report.parameters = parameter_count(layout)
     report.tensors = len(layout.primary_names)
     report.placeholders = sorted(run.placeholders)
-    report.dropped = written.dropped
+    report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
 
@@ -160,6 +162,20 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         warn=run.warnings.append,
     )
     return recomputed
+
+
+def parameter_count(layout: Layout) -> int:
+    """Floating-point values averaged, without BatchNorm running statistics (buffers, not parameters)."""
+    statistics = {layer + stat for layer in batchnorm_layers(layout.primary_names) for stat in _BN_STATISTICS}
+    primary = layout.names[layout.choice.primary]
+    return sum(
+        unit.numel
+        for unit in layout.primary_units
+        if unit.kind == "float" and not any(n in statistics for n in unit.names if n in primary)
+    )
+
+
+_BN_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_layers(names: Sequence[str]) -> list[str]:
@@ -271,6 +287,7 @@ class _Run:
         )
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
+        self.second_models: list[str] = []
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
@@ -319,6 +336,9 @@ class _Run:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
             self.warnings.extend(placeholder_warnings(self.placeholders))
+        self.second_models = second_models([c.ref for c in self.plan.selected])
+        if self.second_models:
+            self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
@@ -418,6 +438,41 @@ class _Run:
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
         )
+
+
+_SECOND_MODEL = re.compile(r"^(?:model|pytorch_model)_([0-9]+)\.(?:safetensors|bin)$")
+
+
+def second_models(refs: Sequence[CheckpointRef]) -> list[str]:
+    """A warning naming the models beside the first in accelerate's save_state() directories
+    (`model_1.safetensors`: a GAN's discriminator, a student), and one entry per model left out.
+
+    Only the first model is averaged; the warning gives the command that averages another.
+    """
+    directories = [r for r in refs if r.is_directory]
+    if not directories:
+        return []
+    names = sorted(
+        (n for n in _listing(directories[-1].display) if _SECOND_MODEL.match(n)),
+        key=lambda n: int(_SECOND_MODEL.match(n).group(1)),  # type: ignore[union-attr]
+    )
+    if not names:
+        return []
+    files = " ".join(shlex.quote(os.path.join(r.display, names[0])) for r in refs)
+    first = os.path.basename(refs[-1].files[0])
+    warning = (
+        f"{directories[-1].display} holds {len(names) + 1} models; only the first ({first}) is averaged,"
+        f" LEFT OUT: {', '.join(names)}; average {names[0]} with: ckpt-avg {files}"
+        f" -o {os.path.splitext(names[0])[0]}_avg.safetensors"
+    )
+    return [warning] + [f"{name} (a second model in each checkpoint directory)" for name in names]
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def placeholder_warnings(placeholders: set[str]) -> list[str]:

@@ -239,6 +239,8 @@ class GlobalResolver:
             if isinstance(vouched, type):
                 self.classes_loaded.add(vouched)
             return vouched
+        if full == "builtins.getattr":
+            return self._getattr
         if full in _ALLOWED or _is_numpy_dtype_class(module, name):
             try:
                 real = _import_global(module, name)
@@ -254,6 +256,17 @@ class GlobalResolver:
             self._classes[full] = placeholder_class(full)
             self.placeholders.add(full)
         return self._classes[full]
+
+    def _getattr(self, target: Any, name: Any, *default: Any) -> Any:
+        """`getattr` that looks nothing up: an attribute of a class we did not import is inert too.
+
+        mmengine's HistoryBuffer pickles `getattr(HistoryBuffer, 'min')`; that names no code
+        beyond the class already reported, so it needs no warning of its own.
+        """
+        if isinstance(target, type) and issubclass(target, Placeholder) and isinstance(name, str):
+            return placeholder_class(f"{target.global_name}.{name}")
+        self.placeholders.add("builtins.getattr")
+        return placeholder_class("builtins.getattr")(target, name, *default)
 
 
 _State = tuple[dict[str, Any] | None, Any, Any]

@@ -11,7 +11,11 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import shlex
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +25,14 @@ import torch
 from . import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import UsageError
+from .errors import CkptAvgError, UsageError
 from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, validate_options
-from .sources import OpenedCheckpoint, content_meta, open_checkpoint
+from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
@@ -122,10 +127,10 @@ def average_checkpoints(
     report.output_digest = written.output_digest
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
-    report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
+    report.parameters = parameter_count(layout)
     report.tensors = len(layout.primary_names)
     report.placeholders = sorted(run.placeholders)
-    report.dropped = written.dropped
+    report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
 
@@ -157,6 +162,20 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         warn=run.warnings.append,
     )
     return recomputed
+
+
+def parameter_count(layout: Layout) -> int:
+    """Floating-point values averaged, without BatchNorm running statistics (buffers, not parameters)."""
+    statistics = {layer + stat for layer in batchnorm_layers(layout.primary_names) for stat in _BN_STATISTICS}
+    primary = layout.names[layout.choice.primary]
+    return sum(
+        unit.numel
+        for unit in layout.primary_units
+        if unit.kind == "float" and not any(n in statistics for n in unit.names if n in primary)
+    )
+
+
+_BN_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_layers(names: Sequence[str]) -> list[str]:
@@ -261,32 +280,51 @@ class _Run:
         self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
-        self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
+        self.candidates = self._candidates()
         self.plan = make_plan(self.candidates, options.select)
+        refuse_unindexed_order(
+            self.plan, [name for name, value in (("--ema", options.ema), ("--weights", options.weights)) if value]
+        )
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
+        self.second_models: list[str] = []
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
             self._opened[ref.display] = open_checkpoint(ref, self.policy)
         return self._opened[ref.display]
 
-    def _candidate(self, ref: CheckpointRef) -> Candidate:
+    def _candidates(self) -> list[Candidate]:
+        notes: list[str] = []
+        neighbours: dict[str, list[str]] = defaultdict(list)
+        for ref in self.discovery.refs:
+            head, name = os.path.split(ref.display.rstrip("/"))
+            neighbours[head].append(name)
+        candidates = [
+            candidate_from(ref, self._meta(ref), neighbours[os.path.split(ref.display.rstrip("/"))[0]], notes)
+            for ref in self.discovery.refs
+        ]
+        self.warnings.extend(notes)
+        return mark_copies(candidates, self._open, self.options.key)
+
+    def _meta(self, ref: CheckpointRef) -> ContentMeta | None:
+        """The contents' indices: needed where the name has none, read anyway where cheap."""
         info = ref.name
         metric = self.options.select.metric
         needs_contents = (
-            (info.epoch is None and info.step is None)
+            (info.epoch is None and info.step is None and info.save is None)
             or info.is_alias
+            or info.dash_file
             or (metric is not None and metric not in info.metrics)
             or (self.options.select.by == "step" and info.step is None)
             or (self.options.select.by == "epoch" and info.epoch is None)
         )
-        if not needs_contents:
-            return Candidate(ref, info.epoch, info.step, dict(info.metrics))
-        meta = content_meta(self._open(ref))
-        epoch = info.epoch if info.epoch is not None else meta.epoch
-        step = info.step if info.step is not None else meta.step
-        return Candidate(ref, epoch, step, {**meta.metrics, **info.metrics})
+        if needs_contents:
+            return content_meta(self._open(ref))
+        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+            return content_meta(self._open(ref)) if cheap_to_open(ref) else None
+        except CkptAvgError:
+            return None  # read again, with its error, only if selected
 
     def open_selected(self) -> None:
         self.selected_opened = [self._open(c.ref) for c in self.plan.selected]
@@ -298,6 +336,9 @@ class _Run:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
             self.warnings.extend(placeholder_warnings(self.placeholders))
+        self.second_models = second_models([c.ref for c in self.plan.selected])
+        if self.second_models:
+            self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
@@ -397,6 +438,41 @@ class _Run:
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
         )
+
+
+_SECOND_MODEL = re.compile(r"^(?:model|pytorch_model)_([0-9]+)\.(?:safetensors|bin)$")
+
+
+def second_models(refs: Sequence[CheckpointRef]) -> list[str]:
+    """A warning naming the models beside the first in accelerate's save_state() directories
+    (`model_1.safetensors`: a GAN's discriminator, a student), and one entry per model left out.
+
+    Only the first model is averaged; the warning gives the command that averages another.
+    """
+    directories = [r for r in refs if r.is_directory]
+    if not directories:
+        return []
+    names = sorted(
+        (n for n in _listing(directories[-1].display) if _SECOND_MODEL.match(n)),
+        key=lambda n: int(_SECOND_MODEL.match(n).group(1)),  # type: ignore[union-attr]
+    )
+    if not names:
+        return []
+    files = " ".join(shlex.quote(os.path.join(r.display, names[0])) for r in refs)
+    first = os.path.basename(refs[-1].files[0])
+    warning = (
+        f"{directories[-1].display} holds {len(names) + 1} models; only the first ({first}) is averaged,"
+        f" LEFT OUT: {', '.join(names)}; average {names[0]} with: ckpt-avg {files}"
+        f" -o {os.path.splitext(names[0])[0]}_avg.safetensors"
+    )
+    return [warning] + [f"{name} (a second model in each checkpoint directory)" for name in names]
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def placeholder_warnings(placeholders: set[str]) -> list[str]:

@@ -26,7 +26,7 @@ from .errors import MismatchError, NonFiniteError, UsageError
 from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "global_step", "num_updates")
+COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "steps", "global_step", "num_updates")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
 READ_BUDGET_BYTES = 96 << 20  # all read buffers together, however many inputs
 MAX_READ_BYTES = 16 << 20  # one read; larger ones are no faster
@@ -80,6 +80,11 @@ class Visit:
     unit: Unit
     compute: bool
     digest: bool  # part of the digested state dict
+    where: str = ""  # the state dict's path where it is not the primary one, for messages
+
+    @property
+    def label(self) -> str:
+        return f"{self.where}.{self.name}" if self.where else self.name
 
 
 class Sink(Protocol):
@@ -468,7 +473,7 @@ class Engine:
             if override is not None:
                 out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
             else:
-                self._combine(unit, visit.name, chunks, out)
+                self._combine(unit, visit.label, chunks, out)
             if pending[id(unit)] > (1 if visit.digest else 0):  # a tied name still to hash needs it
                 self._pieces.setdefault(id(unit), []).append(out.clone())
             writer.write(unit, step.start, out, visit.digest)

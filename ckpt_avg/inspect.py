@@ -42,6 +42,7 @@ from .average import Unit
 from .errors import CkptAvgError
 from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize, leaf_numel, read_leaf_range
 from .report import human_size, terminal_safe
+from .select import unindexed_found
 from .sources import OpenedCheckpoint, content_meta
 from .statedict import dotted
 
@@ -162,6 +163,12 @@ def inspect_checkpoints(
     rows = _rows(run, layout.names[run.choice.primary], prev, last)
     inspected = [r for r in rows if r.inspected]
     position, note = suggest_start(prev, band=band)
+    if unindexed_found(run.plan):
+        # Never a silent order: drift between names in natural order says nothing about the run.
+        position, note = None, (
+            "the checkpoints carry no epoch or step in their names or contents, so they have no order"
+            " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
+        )
     suggestion = None
     if position is not None:
         differing = differing_integers(layout.primary_units, position, chunk_elements)

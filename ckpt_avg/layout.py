@@ -153,7 +153,8 @@ def build_layout(
             names[path][name] = unit
             first = id(unit) not in computed
             computed.add(id(unit))
-            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary))
+            where = "" if path == choice.primary else dotted(path)
+            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary, where=where))
     _check_zero3(names[choice.primary], files[-1])
     _warn_mixed_dtypes(names[choice.primary], files, out_dtype, warnings)
     input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)

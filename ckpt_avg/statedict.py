@@ -37,6 +37,7 @@ SECONDARY_NAMES = (
     "averaged_model_state",
     "averaging_state",
     "swa_model",
+    "model_avg",  # icefall's running average of the model
 )
 # Training state that no longer matches averaged weights: left out of a .pt output.
 TRAINING_STATE_NAMES = frozenset(
@@ -130,12 +131,24 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
             f"{where}: averaging {primary!r}; the checkpoint also holds state dicts"
             f" {', '.join(map(repr, unknown))} (choose another with --key)"
         )
+    if primary == "state_dict" and _mmengine_ema(tree):
+        warning = (
+            f"{where}: 'state_dict' holds the EMA weights of mmengine's EMAHook (it swaps them in before"
+            " saving); the raw weights are in 'ema_state_dict' (average those with --key ema_state_dict"
+            " --strip-prefix module.)"
+        )
     if primary == "state_dict" and "current_model_state" in found:
         warning = (
             f"{where}: 'state_dict' holds the weights averaged by Lightning's WeightAveraging callback; the raw"
             " weights are in 'current_model_state' (average those with --key current_model_state)"
         )
     return StateDictChoice((primary,), tuple((name,) for name in others), warning)
+
+
+def _mmengine_ema(tree: Mapping[Any, Any]) -> bool:
+    """EMAHook's checkpoint: `ema_state_dict` holds `steps` and the model's keys under `module.`."""
+    ema = tree.get("ema_state_dict")
+    return isinstance(ema, Mapping) and "steps" in ema and any(str(k).startswith("module.") for k in ema)
 
 
 def _top_level_state_dicts(tree: Any) -> list[str]:

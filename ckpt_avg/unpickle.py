@@ -228,6 +228,8 @@ class GlobalResolver:
     def __init__(self, policy: PicklePolicy, overrides: dict[str, Any], *, placeholders_only: bool = False) -> None:
         self.policy = policy
         self.overrides = overrides
+        # Untrusted getattr is answered without a lookup (see _inert_getattr), called like an override.
+        self._getattr = self._inert_getattr
         self.placeholders_only = placeholders_only  # a first pass that must import and build nothing
         self.placeholders: set[str] = set()
         self._classes: dict[str, type[Placeholder]] = {}
@@ -235,7 +237,7 @@ class GlobalResolver:
         self.bytes_left = MAX_BUILT_BYTES
         self.classes_loaded: set[type] = set()  # real classes whose objects may hold a Constructor
         self.vouched: set[type] = set()  # --allow-global classes: built inert, never called
-        self._override_ids = {id(value) for value in overrides.values()}
+        self._override_ids = {id(value) for value in (*overrides.values(), self._getattr)}
         self._snapshots: dict[int, tuple[Any, _State]] = {}
 
     def spend(self, nbytes: int, what: str) -> None:
@@ -277,6 +279,8 @@ class GlobalResolver:
             return _import_global(module, name)
         if self.placeholders_only:
             return self._placeholder(full)
+        if full == "builtins.getattr":
+            return self._getattr
         if full in self.policy.extra_allowed and full not in _ALLOWED:
             return self._vouched(full)
         if full in _ALLOWED or _is_numpy_dtype_class(module, name):
@@ -307,6 +311,17 @@ class GlobalResolver:
             if not self.placeholders_only:
                 self.placeholders.add(full)
         return self._classes[full]
+
+    def _inert_getattr(self, target: Any, name: Any, *default: Any) -> Any:
+        """`getattr` that looks nothing up: an attribute of a class we did not import is inert too.
+
+        mmengine's HistoryBuffer pickles `getattr(HistoryBuffer, 'min')`; that names no code
+        beyond the class already reported, so it needs no warning of its own.
+        """
+        if isinstance(target, type) and issubclass(target, Placeholder) and isinstance(name, str):
+            return placeholder_class(f"{target.global_name}.{name}")
+        self.placeholders.add("builtins.getattr")
+        return placeholder_class("builtins.getattr")(target, name, *default)
 
 
 _State = tuple[dict[str, Any] | None, Any, Any]

@@ -263,7 +263,7 @@ def test_a_non_ascii_epoch_is_not_an_epoch(tmp_path: Path) -> None:
     torch.save({"w": torch.randn(2)}, tmp_path / "epoch=3.pt")
     torch.save({"w": torch.randn(2)}, tmp_path / "epoch=\u0661\u0662.pt")
     save_file({"w": torch.randn(2)}, tmp_path / "x.safetensors", metadata={"epoch": "\u0661\u0662"})
-    result = run_cli("--dry-run", tmp_path, expect=1)
+    result = run_cli("--dry-run", "--last", "1", tmp_path, expect=1)
     assert result.stderr.startswith("Error: cannot order the checkpoints: no epoch in ")
     assert "12" not in result.stderr.splitlines()[0]
 
@@ -285,8 +285,9 @@ def test_overflowing_metrics_are_handled(tmp_path: Path) -> None:
 def test_an_epoch_beyond_any_run_is_not_an_index(tmp_path: Path) -> None:
     for name, epoch in (("a.pt", 10**5000), ("b.pt", 2**70)):  # 10**5000 would not even print
         torch.save({"epoch": epoch, "state_dict": {"w": torch.randn(2)}}, tmp_path / name)
-    result = run_cli("--dry-run", tmp_path, expect=1)
-    assert result.stderr.startswith("Error: cannot order the checkpoints: no epoch in ")
+    result = run_cli("--dry-run", "--last", "1", tmp_path, expect=1)
+    assert result.stderr.startswith("Error: --last needs an order, but ")
+    assert "carry no epoch or step" in result.stderr
     run_cli("--dry-run", tmp_path / "b.pt", tmp_path / "a.pt")  # named one by one: in the order given
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .average import Digests
+from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from .api import Options
     from .layout import Layout
 
-ZERO_DIGEST = "0" * 64
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
 HF_SIDE_FILES = (
     "config.json",
@@ -75,9 +75,16 @@ HF_SIDE_FILES = (
 @dataclass
 class Written:
     files: list[str]
-    output_digest: str
-    input_digests: list[str]
+    digests: Digests
     dropped: list[str] = field(default_factory=list)
+
+    @property
+    def output_digest(self) -> str:
+        return self.digests.output.root()
+
+    @property
+    def input_digests(self) -> list[str]:
+        return [d.root() for d in self.digests.inputs]
 
 
 # Runs the kernel into a sink: (sink, primary state dict only?) -> digests.
@@ -93,16 +100,28 @@ def write_output(output: str, layout: Layout, provenance: dict[str, Any], option
     return _write_pt(output, layout, provenance, options, run)
 
 
-def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
+def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
+    """The provenance with the digests in; placeholders of the same length where `digests` is None.
+
+    Each input records its checkpoint digest; `digest.tensors` has the output's digest per key,
+    so a tensor that changed is found by name and parts of the output can be checked alone.
+    """
     result: dict[str, Any] = json.loads(json.dumps(provenance))
     for position, record in enumerate(result["inputs"]):
-        record["tensor_digest"] = digests.inputs[position].hexdigest() if digests else ZERO_DIGEST
-    result["output_tensor_digest"] = digests.output.hexdigest() if digests else ZERO_DIGEST
+        record["tensor_digest"] = digests.inputs[position].root() if digests else ZERO_DIGEST
+    tensors = digests.output.hex_by_key() if digests else dict.fromkeys(sorted(names), ZERO_DIGEST)
+    if digests is not None and sorted(tensors) != sorted(names):
+        raise AssertionError("the output digests do not cover every tensor written")
+    result["digest"] = {
+        "scheme": SCHEME,
+        "output": digests.output.root() if digests else ZERO_DIGEST,
+        "tensors": tensors,
+    }
     return result
 
 
-def _provenance_text(provenance: dict[str, Any], digests: Digests | None) -> str:
-    return json.dumps(_with_digests(provenance, digests), sort_keys=True, separators=(",", ":"))
+def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> str:
+    return json.dumps(_with_digests(provenance, digests, names), sort_keys=True, separators=(",", ":"))
 
 
 @contextlib.contextmanager
@@ -137,10 +156,12 @@ def _write_safetensors(
     entries = _entries(layout)
     with _temp_file(output) as (temp, file):
         try:
-            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
+            names = layout.primary_names
+            placeholder = _provenance_text(provenance, None, names)
+            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
             digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
             final = SafetensorsWriter.header_bytes(
-                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
@@ -149,7 +170,7 @@ def _write_safetensors(
             commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written([output], digests)
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -181,7 +202,7 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     written = [os.path.join(output, n) for n in file_names]
     if len(shards) > 1:
         written.append(os.path.join(output, "model.safetensors.index.json"))
-    return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written(written, digests)
 
 
 def _fill_directory(
@@ -202,15 +223,15 @@ def _fill_directory(
         files.append(file)
         metadata = {"format": "pt"}
         if single:
-            metadata["ckpt_avg"] = _provenance_text(provenance, None)
+            metadata["ckpt_avg"] = _provenance_text(provenance, None, layout.primary_names)
         writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
         writers.update(dict.fromkeys(names, writer))
     digests = run(SafetensorsSink(writers), True)
     if single:
-        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, layout.primary_names)}
         files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
     else:
-        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
+        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests, layout.primary_names))
     for file in files:
         finish_file(file)
     _copy_side_files(layout, temp)
@@ -265,10 +286,11 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)
+            names = layout.primary_names
             if nested:
-                tree["ckpt_avg"] = _with_digests(provenance, digests)
+                tree["ckpt_avg"] = _with_digests(provenance, digests, names)
             writer.record("data.pkl", pickle_tree(tree))
-            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests).encode())
+            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests, names).encode())
             writer.record(".format_version", b"1")
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")
@@ -283,12 +305,12 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
         except BaseException:
             writer.abandon()
             raise
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
+    return Written([output], digests, dropped)
 
 
 def _serialization_id(digests: Digests) -> bytes:
     # torch.save writes a random id; ours derives from the data so re-runs are byte-identical.
-    return str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
+    return str(int(digests.output.root()[:32], 16)).zfill(40)[:40].encode()
 
 
 class _TreeBuilder:

@@ -10,7 +10,6 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ class Options:
     allow_global: tuple[str, ...] = ()
     force: bool = False
     max_shard_size: str | None = None
-    hash_files: bool = True
+    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
     bn_model: str | None = None  # MODULE:CALLABLE returning the model
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
     bn_batch_size: int = 32
@@ -119,7 +118,7 @@ def average_checkpoints(
     written = write_output(output, layout, run.provenance(), options, runner)
     report = run.report(dry_run=False)
     report.output = output
-    report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
+    report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
     report.output_digest = written.output_digest
     report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
@@ -263,14 +262,6 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: MPS is not available on this machine")
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Run:

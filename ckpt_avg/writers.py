@@ -77,6 +77,7 @@ class Written:
     files: list[str]
     digests: Digests
     dropped: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # per file written, where asked for
 
     @property
     def output_digest(self) -> str:
@@ -125,12 +126,12 @@ def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names:
 
 
 @contextlib.contextmanager
-def _temp_file(output: str) -> Iterator[tuple[str, OutputFile]]:
+def _temp_file(output: str, hashed: bool) -> Iterator[tuple[str, OutputFile]]:
     temp = temp_path_for(output)
     file: OutputFile | None = None
     try:
         with signals_deferred():  # a Ctrl-C here must not leave an untracked temp file
-            file = open_temp(temp)
+            file = open_temp(temp, hashed=hashed)
         yield temp, file
     except BaseException:
         if file is not None:
@@ -154,7 +155,7 @@ def _write_safetensors(
     output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     entries = _entries(layout)
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         try:
             names = layout.primary_names
             placeholder = _provenance_text(provenance, None, names)
@@ -166,11 +167,11 @@ def _write_safetensors(
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
             file.pwrite(final, 0)
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-    return Written([output], digests)
+    return Written([output], digests, sha256={output: sha256} if sha256 else {})
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -189,7 +190,9 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
         discard(temp)
         raise
     try:
-        digests = _fill_directory(temp, layout, entries, shards, file_names, provenance, run, files)
+        digests, sha256 = _fill_directory(
+            temp, layout, entries, shards, file_names, provenance, run, files, options.hash_files
+        )
         commit(temp, output, force=options.force)
     except BaseException as exc:
         for file in files:
@@ -202,7 +205,7 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     written = [os.path.join(output, n) for n in file_names]
     if len(shards) > 1:
         written.append(os.path.join(output, "model.safetensors.index.json"))
-    return Written(written, digests)
+    return Written(written, digests, sha256={os.path.join(output, n): d for n, d in sha256.items()})
 
 
 def _fill_directory(
@@ -214,12 +217,16 @@ def _fill_directory(
     provenance: dict[str, Any],
     run: Runner,
     files: list[OutputFile],
-) -> Digests:
-    """Write every shard (and the index) into the temp directory; `files` collects open handles."""
+    hashed: bool,
+) -> tuple[Digests, dict[str, str]]:
+    """Write every shard (and the index) into the temp directory; `files` collects open handles.
+
+    Returns the digests, and the sha256 of each file by name where `hashed`.
+    """
     writers: dict[str, SafetensorsWriter] = {}
     single = len(shards) == 1
     for names, file_name in zip(shards, file_names, strict=True):
-        file = open_temp(os.path.join(temp, file_name))
+        file = open_temp(os.path.join(temp, file_name), hashed=hashed)
         files.append(file)
         metadata = {"format": "pt"}
         if single:
@@ -227,15 +234,17 @@ def _fill_directory(
         writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
         writers.update(dict.fromkeys(names, writer))
     digests = run(SafetensorsSink(writers), True)
+    sha256: dict[str, str | None] = {}
     if single:
         only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, layout.primary_names)}
         files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
     else:
-        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests, layout.primary_names))
-    for file in files:
-        finish_file(file)
+        index = _with_digests(provenance, digests, layout.primary_names)
+        sha256["model.safetensors.index.json"] = _write_index(temp, entries, shards, file_names, index, hashed)
+    for file, file_name in zip(files, file_names, strict=True):
+        sha256[file_name] = finish_file(file)
     _copy_side_files(layout, temp)
-    return digests
+    return digests, {name: digest for name, digest in sha256.items() if digest is not None}
 
 
 def _write_index(
@@ -244,14 +253,18 @@ def _write_index(
     shards: list[list[str]],
     file_names: list[str],
     provenance: dict[str, Any],
-) -> None:
+    hashed: bool,
+) -> str | None:
     total = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in entries.values())
     weight_map = {name: file_name for names, file_name in zip(shards, file_names, strict=True) for name in names}
     index = {"metadata": {"total_size": total, "ckpt_avg": provenance}, "weight_map": dict(sorted(weight_map.items()))}
     path = os.path.join(directory, "model.safetensors.index.json")
-    with open_temp(path) as file:
+    file = open_temp(path, hashed=hashed)
+    try:
         file.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        os.fsync(file.fileno())
+        return finish_file(file)
+    finally:
+        file.close()
 
 
 def _copy_side_files(layout: Layout, directory: str) -> None:
@@ -279,7 +292,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     averaged = {path[0] for path in layout.names if path}
     dropped = builder.dropped + _drop_unpicklable(tree, nested, averaged, layout.opened[-1].ref.display)
     archive = os.path.splitext(os.path.basename(output))[0] or "archive"
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         writer = PtWriter(file, archive)
         try:
             digests = run(PtSink(writer, storages), False)
@@ -297,7 +310,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.record("version", b"3\n")
             writer.record(".data/serialization_id", _serialization_id(digests))
             writer.close()
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             writer.abandon()
@@ -305,7 +318,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
         except BaseException:
             writer.abandon()
             raise
-    return Written([output], digests, dropped)
+    return Written([output], digests, dropped, {output: sha256} if sha256 else {})
 
 
 def _serialization_id(digests: Digests) -> bytes:

@@ -111,8 +111,11 @@ def average_checkpoints(
     overrides = _batchnorm(run, layout, options)
     advance = progress or (lambda _: None)
 
-    def runner(sink: Any, primary_only: bool) -> Digests:
+    def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
         visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+        if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
+            by_name = {v.name: v for v in visits}
+            visits = [by_name[name] for name in order]
         return run_engine(layout, options, sink, advance, visits, overrides)
 
     written = write_output(output, layout, run.provenance(), options, runner)

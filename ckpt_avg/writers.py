@@ -10,9 +10,9 @@ import os
 import pickle
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -88,8 +88,14 @@ class Written:
         return [d.root() for d in self.digests.inputs]
 
 
-# Runs the kernel into a sink: (sink, primary state dict only?) -> digests.
-Runner = Callable[[Any, bool], Digests]
+class Runner(Protocol):
+    """Runs the kernel into a sink and returns the digests.
+
+    `primary_only`: only the primary state dict; `order`: its names in the order to compute
+    them (the order of the file, so that a file's sha256 is taken as its bytes are written).
+    """
+
+    def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
 def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -160,7 +166,7 @@ def _write_safetensors(
             names = layout.primary_names
             placeholder = _provenance_text(provenance, None, names)
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
-            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
+            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True, list(writer.placement))
             final = SafetensorsWriter.header_bytes(
                 entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
             )
@@ -233,7 +239,8 @@ def _fill_directory(
             metadata["ckpt_avg"] = _provenance_text(provenance, None, layout.primary_names)
         writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
         writers.update(dict.fromkeys(names, writer))
-    digests = run(SafetensorsSink(writers), True)
+    in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
+    digests = run(SafetensorsSink(writers), True, in_file_order)
     sha256: dict[str, str | None] = {}
     if single:
         only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, layout.primary_names)}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
+from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import UsageError
@@ -73,6 +73,7 @@ class Options:
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
     bn_batch_size: int = 32
     bn_batches: int | None = None
+    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -463,6 +464,7 @@ def engine_options(options: Options, count: int, overrides: dict[str, torch.Tens
         int_policy=options.int_policy,
         allow_nonfinite=options.allow_nonfinite,
         overrides=overrides or {},
+        budgets=options.budgets,
     )
 
 

@@ -22,9 +22,8 @@ from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_wei
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import UsageError
-from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
 from .layout import Layout, build_layout, has_state_dict
-from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, validate_options
 from .sources import OpenedCheckpoint, content_meta, open_checkpoint
@@ -100,12 +99,13 @@ def average_checkpoints(
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
     """
     options = _merge(options or Options(), choices)
-    _validate(options, output)
+    kind = _validate(options, output)
+    assert kind is not None
     started = time.monotonic()
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(output)
+    layout = run.layout(kind)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
@@ -119,7 +119,7 @@ def average_checkpoints(
             visits = [by_name[name] for name in order]
         return run_engine(layout, options, sink, advance, visits, overrides)
 
-    written = write_output(output, layout, run.provenance(), options, runner)
+    written = write_output(output, kind, layout, run.provenance(), options, runner)
     report = run.report(dry_run=False)
     report.output = output
     report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
@@ -144,7 +144,7 @@ def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Di
     _validate(options)
     run = _Run(inputs, options)
     run.open_selected()
-    layout = run.layout("flat.safetensors")
+    layout = run.layout(OutputKind.SAFETENSORS)
     overrides = _batchnorm(run, layout, options)
     digests = run_engine(layout, options, _Discard(), lambda _: None, [v for v in layout.visits if v.digest], overrides)
     return run.report(dry_run=False), digests
@@ -218,8 +218,8 @@ def _merge(options: Options, choices: dict[str, Any]) -> Options:
     return Options(**values)
 
 
-def _validate(options: Options, output: str | None = None) -> None:
-    """Usage errors, found before any file is opened."""
+def _validate(options: Options, output: str | None = None) -> OutputKind | None:
+    """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
@@ -249,8 +249,9 @@ def _validate(options: Options, output: str | None = None) -> None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
-    if output is not None:
-        validate_output_name(output, max_shard_size=options.max_shard_size)
+    if output is None:
+        return None
+    return validate_output_name(output, max_shard_size=options.max_shard_size)
 
 
 def check_device(device: str) -> None:
@@ -327,11 +328,10 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, output: str) -> Layout:
+    def layout(self, kind: OutputKind) -> Layout:
         assert self.choice is not None
-        keeps_structure = output.lower().endswith(PYTORCH_SUFFIXES) and not output.endswith("/")
         paths = [self.choice.primary]
-        if keeps_structure:
+        if kind.keeps_structure:
             for other in self.choice.others:
                 if all(has_state_dict(o.tree, other) for o in self.selected_opened):
                     paths.append(other)

@@ -19,7 +19,7 @@ import torch
 from .average import Digests
 from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
-from .guard import PROVENANCE_RECORD
+from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .statedict import TRAINING_STATE_NAMES, get_path
@@ -98,11 +98,13 @@ class Runner(Protocol):
     def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
-def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    """Write OUTPUT in the format its name asks for, atomically; `run` streams the tensors in."""
-    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+def write_output(
+    output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
+) -> Written:
+    """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
-    if output.lower().endswith(".safetensors"):
+    if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
 

@@ -652,45 +652,83 @@ def plot_inspection(inspection: Inspection, path: str) -> None:
 
 
 def _figure(inspection: Inspection) -> Figure:
+    """Stacked panels on one index axis: drift; the metrics; the learning rate (each where there is one)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     rows = inspection.inspected
     xs = [r.index if r.index is not None else i for i, r in enumerate(rows)]
-    figure = Figure(figsize=(8, 5), layout="constrained")
-    ax = figure.subplots()
-    prev = [_positive(r.drift_prev) for r in rows]
-    last = [_positive(r.drift_last) for r in rows]
-    handles = ax.plot(xs, prev, "o-", color="tab:blue", ms=4, label="drift to previous")
-    handles += ax.plot(xs, last, "s-", color="tab:gray", ms=3, lw=1, alpha=0.8, label="drift to last")
-    if any(math.isfinite(v) for v in prev + last):
-        ax.set_yscale("log")
-    s = inspection.suggestion
-    if s is not None:
-        handles.append(ax.axhline(s.threshold, color="tab:green", ls=":", label=f"band: {s.band:g} x tail median"))
-        ax.axvspan(xs[s.position], xs[-1], color="tab:green", alpha=0.08)
-        handles.append(ax.axvline(xs[s.position], color="tab:green", lw=2, label=f"suggested --start {s.start}"))
-    ax.set_xlabel(inspection.by if inspection.by != "order" else "checkpoint (command-line order)")
-    ax.set_ylabel("relative L2 drift")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles += _metric_lines(ax, xs, rows, shown_metrics(inspection))
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
-    ax.set_title(f"ckpt-avg inspect: {len(rows)} checkpoints, {inspection.parameters:,} parameters")
+    metrics = [n for n in shown_metrics(inspection) if any(n in r.metrics for r in rows)]
+    rates = any(r.lr is not None for r in rows)
+    ratios = [2] + [1] * (bool(metrics) + rates)
+    figure = Figure(figsize=(8, 3 + 1.6 * len(ratios)), layout="constrained")
+    axes = list(figure.subplots(len(ratios), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0])
+    _drift_panel(axes[0], xs, inspection)
+    if metrics:
+        _metrics_panel(axes[1], xs, rows, metrics)
+    if rates:
+        _rate_panel(axes[-1], xs, rows)
+    for n, ax in enumerate(axes):
+        _mark_start(ax, xs, inspection, labelled=n == 0)  # one legend entry for the marks, in the top panel
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="best", fontsize="small", framealpha=0.9)
+    axes[-1].set_xlabel(inspection.by if inspection.by != "order" else "checkpoint (command-line order)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle(f"ckpt-avg inspect: {len(rows)} checkpoints, {inspection.parameters:,} parameters")
     return figure
 
 
-def _metric_lines(ax: Any, xs: list[int], rows: list[Row], names: list[str]) -> list[Any]:
-    names = [n for n in names if any(n in r.metrics for r in rows)]
-    if not names:
-        return []
-    twin = ax.twinx()
-    handles: list[Any] = []
+def _drift_panel(ax: Any, xs: list[int], inspection: Inspection) -> None:
+    rows = inspection.inspected
+    prev = [_positive(r.drift_prev) for r in rows]
+    last = [_positive(r.drift_last) for r in rows]
+    ax.plot(xs, prev, "o-", color="tab:blue", ms=4, label="drift to previous")
+    ax.plot(xs, last, "s-", color="tab:gray", ms=3, lw=1, alpha=0.8, label="drift to last")
+    if any(math.isfinite(v) for v in prev + last):
+        ax.set_yscale("log")
+    s = inspection.alternative or inspection.suggestion
+    if s is not None:
+        ax.axhline(s.threshold, color="tab:green", ls=":", label=f"band: {s.band:g} x tail median")
+    ax.set_ylabel("relative L2 drift")
+
+
+def _metrics_panel(ax: Any, xs: list[int], rows: list[Row], names: list[str]) -> None:
     for name, color in zip(names, ("tab:orange", "tab:red", "tab:purple"), strict=False):
-        values = [r.metrics.get(name, math.nan) for r in rows]
-        handles += twin.plot(xs, values, "^--", color=color, ms=4, lw=1, label=name)
-    twin.set_ylabel(", ".join(names))
-    return handles
+        ax.plot(xs, [r.metrics.get(name, math.nan) for r in rows], "^--", color=color, ms=4, lw=1, label=name)
+    ax.set_ylabel("metrics")
+
+
+def _rate_panel(ax: Any, xs: list[int], rows: list[Row]) -> None:
+    first = [r.lr if r.lr is not None else math.nan for r in rows]
+    ax.plot(xs, first, "o-", color="tab:brown", ms=4, label="learning rate" if _one_group(rows) else "lr, group 0")
+    if not _one_group(rows):
+        low = [min(r.lr_groups) if r.lr_groups else math.nan for r in rows]
+        high = [max(r.lr_groups) if r.lr_groups else math.nan for r in rows]
+        ax.fill_between(xs, low, high, color="tab:brown", alpha=0.15, label="lr, all groups")
+    if all(v > 0 for r in rows for v in r.lr_groups):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels within a decade too
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("learning rate")
+
+
+def _one_group(rows: list[Row]) -> bool:
+    return all(len(set(r.lr_groups)) <= 1 for r in rows)
+
+
+def _mark_start(ax: Any, xs: list[int], inspection: Inspection, *, labelled: bool) -> None:
+    s, a = inspection.suggestion, inspection.alternative
+    if s is not None:
+        ax.axvspan(xs[s.position], xs[-1], color="tab:green", alpha=0.08)
+        where = f"--start {s.start}" if s.start is not None else f"--last {s.count}"
+        label = f"suggested {where} ({s.rule})" if labelled else None
+        ax.axvline(xs[s.position], color="tab:green", lw=2, label=label)
+    if a is not None:
+        label = f"the drift alone: --start {a.start}" if labelled else None
+        ax.axvline(xs[a.position], color="tab:green", lw=1, ls="--", label=label)
 
 
 def _positive(value: float | None) -> float:

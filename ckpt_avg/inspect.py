@@ -9,11 +9,15 @@ t = 0 .. T, with θ_t the vector of every floating-point tensor of the chosen st
 computed tensor by tensor and chunk by chunk (three chunks in memory, whatever the size of
 the model or the number of checkpoints), with sums of squares accumulated in float64.
 
-The suggested start is where the run has settled: with s_1 .. s_T the drift/prev values,
-m the median of the tail (the last quarter of the s_t, at least 2 of them) and a band
-factor b (default 1.5), it is the checkpoint k that ends the LAST step with s_k > b * m
-(checkpoint 0 when no step exceeds it). From k on, every step stays within b * m, so the
-checkpoints k .. T lie in the settled region that SWA averages over.
+The suggested start is where the run has settled. Where the learning rate stored with the
+checkpoints has a schedule, the schedule decides (schedule.py: where the rate keeps its
+final value, or its last cycle starts). Otherwise the drift does: with s_1 .. s_T the
+drift/prev values, m the median of the tail (the last quarter of the s_t, at least 2 of
+them) and a band factor b (default 1.5), it is the checkpoint k that ends the LAST step with
+s_k > b * m (checkpoint 0 when no step exceeds it). From k on, every step stays within
+b * m, so the checkpoints k .. T lie in the settled region that SWA averages over, unless
+they lie on a nearly straight line (`straightness`): then the run is still drifting and
+nothing is suggested. Where the two rules disagree, both are reported.
 
     >>> from ckpt_avg.inspect import inspect_checkpoints
     >>> result = inspect_checkpoints(["ckpts/"])  # doctest: +SKIP

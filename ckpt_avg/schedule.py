@@ -5,7 +5,8 @@ data: an optimizer state dict's `param_groups[j]['lr']` (Lightning `optimizer_st
 a plain, torchvision, timm or mmengine `optimizer`, the PyTorch tutorial's
 `optimizer_state_dict`, fairseq's `last_optimizer_state`), else a scheduler's `_last_lr`
 (Lightning `lr_schedulers`, torchvision `lr_scheduler`), else a top-level `lr` number; for a
-Trainer directory, the last `learning_rate` in `trainer_state.json`'s `log_history`.
+Trainer directory, the last `learning_rate` in `trainer_state.json`'s `log_history`. (A
+tensor-valued rate, which fused or capturable optimizers may hold, is the one element read.)
 
 Lightning steps epoch-interval schedulers before ModelCheckpoint saves, so its checkpoints
 hold the rate the NEXT epoch trains with: the rate training continues at from there.

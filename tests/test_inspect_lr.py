@@ -381,3 +381,14 @@ def test_rate_sources_without_an_optimizer(tmp_path: Path) -> None:
         ([0.4, 0.04], "optimizer"),
     ]
     assert "lr" not in rows[1].metrics
+
+
+def test_a_tensor_learning_rate_is_read(tmp_path: Path) -> None:
+    """Optimizers may hold `lr` as a one-element tensor (fused, capturable); its value is the rate."""
+    for epoch in range(4):
+        parameter = torch.nn.Parameter(torch.zeros(2))
+        optimizer = torch.optim.SGD([parameter], lr=torch.tensor(0.5 / (epoch + 1), dtype=torch.float64))
+        torch.save({"model": {"w": torch.full((3,), float(epoch))}, "optimizer": optimizer.state_dict()},
+                   tmp_path / f"epoch_{epoch}.pt")  # fmt: skip
+    rows = inspect_checkpoints([str(tmp_path)]).inspected
+    assert [r.lr for r in rows] == [0.5, 0.25, 0.5 / 3, 0.125]

@@ -169,11 +169,15 @@ def schedule_start(rates: Sequence[Rate | None], labels: Sequence[str]) -> Sched
         return ScheduleStart(first, "lr-settled", f"lr reached {text[-1]} at {labels[first]} and stayed")
     cycle = last_cycle(groups)
     if cycle is not None:
-        return ScheduleStart(
-            cycle, "lr-cycle",
+        reason = (
             f"the last cycle of the learning rate starts at {labels[cycle]} (lr rose from {text[cycle - 1]}"
-            f" to {text[cycle]})",
-        )  # fmt: skip
+            f" to {text[cycle]})"
+        )
+        rises = _rises([g[0] for g in groups])
+        later = [t for t in rises if t > cycle and t - 1 not in rises]
+        if later:
+            reason += f"; the rise at {labels[later[-1]]} starts a cycle too short to average"
+        return ScheduleStart(cycle, "lr-cycle", reason)
     return ScheduleStart(
         None, "", f"lr still changes at the last checkpoint ({text[0]} to {text[-1]}): no constant or cyclic phase"
     )
@@ -188,19 +192,21 @@ def constant_from(groups: Sequence[tuple[float, ...]]) -> int:
 
 
 def last_cycle(groups: Sequence[tuple[float, ...]]) -> int | None:
-    """Start of the last cycle: the last rise of the rate that follows a fall, with two checkpoints after it.
+    """Start of the last cycle: the last rise of the rate that follows a fall, with two checkpoints from it on.
 
-    A rise before the first fall is a warm-up, not a cycle.
+    A rise before the first fall is a warm-up, not a cycle; a rise over several checkpoints
+    (a triangular cycle) starts where it starts.
     """
-    rates = [g[0] for g in groups]
-    falls = [t for t in range(1, len(rates)) if rates[t] < rates[t - 1] and not same_rate(rates[t], rates[t - 1])]
-    if not falls:
-        return None
-    rises = [
-        t for t in range(falls[0] + 1, len(rates)) if rates[t] > rates[t - 1] and not same_rate(rates[t], rates[t - 1])
-    ]
-    starts = [t for t in rises if t - 1 not in rises and len(rates) - t >= MIN_PHASE]
+    rises = _rises([g[0] for g in groups])
+    starts = [t for t in rises if t - 1 not in rises and len(groups) - t >= MIN_PHASE]
     return starts[-1] if starts else None
+
+
+def _rises(rates: Sequence[float]) -> list[int]:
+    """Positions where the rate is higher than at the one before, after its first fall."""
+    changed = [t for t in range(1, len(rates)) if not same_rate(rates[t], rates[t - 1])]
+    falls = [t for t in changed if rates[t] < rates[t - 1]]
+    return [t for t in changed if falls and t > falls[0] and rates[t] > rates[t - 1]]
 
 
 def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

@@ -26,6 +26,7 @@ SWA_EPOCH_START = 10  # Lightning counts it from 1: SWALR starts annealing in (0
 ANNEALING_EPOCHS = 3
 LR, SWA_LR = 0.05, 0.01
 STEP_SIZE = 7
+CYCLE = 5  # CosineAnnealingWarmRestarts T_0
 
 # Lightning 2.6 under torch 2.13 warns about torch's own pytree API inside Trainer.fit; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -40,7 +41,8 @@ class LightningRun:
 def lightning_run(directory: Path, schedule: str) -> LightningRun:
     """A tiny regressor trained on CPU for 20 epochs, a checkpoint every epoch (ModelCheckpoint save_top_k=-1).
 
-    schedule: "cos" or "linear" (StochasticWeightAveraging), "step" (StepLR), "weights-only"
+    schedule: "cos" or "linear" (StochasticWeightAveraging), "step" (StepLR), "sgdr" (cosine with
+    warm restarts every 5 epochs), "weights-only"
     (constant rate, ModelCheckpoint(save_weights_only=True): no optimizer state).
     """
     import lightning as L
@@ -61,9 +63,13 @@ def lightning_run(directory: Path, schedule: str) -> LightningRun:
 
         def configure_optimizers(self) -> Any:
             optimizer = torch.optim.SGD(self.parameters(), lr=LR)
-            if schedule != "step":
+            if schedule == "step":
+                scheduler: Any = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, 0.1)
+            elif schedule == "sgdr":
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, CYCLE, eta_min=1e-3)
+            else:
                 return optimizer
-            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, 0.1)}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     class Oracle(Callback):
         """The optimizer's rates at the moment ModelCheckpoint saves (it saves in on_validation_end)."""
@@ -100,9 +106,9 @@ def lightning_run(directory: Path, schedule: str) -> LightningRun:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LightningRun]:
-    """The four Lightning runs, trained once for the module (under a second each)."""
+    """The Lightning runs, trained once for the module (under a second each)."""
     root = tmp_path_factory.mktemp("lightning")
-    return {name: lightning_run(root / name, name) for name in ("cos", "linear", "step", "weights-only")}
+    return {name: lightning_run(root / name, name) for name in ("cos", "linear", "step", "sgdr", "weights-only")}
 
 
 def first_epoch_at_final_rate(rates: dict[int, list[float]]) -> int:
@@ -179,6 +185,18 @@ def test_step_lr_suggests_the_last_drop(runs: dict[str, LightningRun]) -> None:
     s = result.suggestion
     assert s is not None and s.start == start and s.rule == "lr-settled"
     assert s.reason == f"lr reached 0.0005 at epoch {start} and stayed"
+
+
+def test_warm_restarts_suggest_the_last_cycle(runs: dict[str, LightningRun]) -> None:
+    run = runs["sgdr"]
+    result = inspect_checkpoints([str(run.directory)])
+    assert [r.lr_groups for r in result.inspected] == [run.rates[e] for e in range(EPOCHS)]
+    rises = [e for e in range(1, EPOCHS) if run.rates[e][0] > run.rates[e - 1][0]]
+    assert len(rises) == EPOCHS // CYCLE  # Lightning saves after the epoch's step: a restart shows one epoch early
+    s = result.suggestion
+    assert s is not None and (s.start, s.rule) == (rises[-2], "lr-cycle")  # the last rise is the last checkpoint
+    assert s.reason.startswith(f"the last cycle of the learning rate starts at epoch {rises[-2]} (lr rose from ")
+    assert s.reason.endswith(f"; the rise at epoch {rises[-1]} starts a cycle too short to average")
 
 
 def test_weights_only_run_has_no_lr_column_and_no_error(runs: dict[str, LightningRun]) -> None:

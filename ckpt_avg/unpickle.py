@@ -237,6 +237,14 @@ class GlobalResolver:
         self.vouched: set[type] = set()  # --allow-global classes: built inert, never called
         self._override_ids = {id(value) for value in overrides.values()}
         self._snapshots: dict[int, tuple[Any, _State]] = {}
+        # numpy dtypes this pickle made with copy=True and has not used yet: the only ones
+        # BUILD may set. A dtype already under an array, or numpy's shared float64, changed
+        # afterwards would make that array read past its memory.
+        self.fresh_dtypes: dict[int, Any] = {}
+
+    def seal_dtypes(self, values: Any) -> None:
+        for value in values:
+            self.fresh_dtypes.pop(id(value), None)
 
     def spend(self, nbytes: int, what: str) -> None:
         self.bytes_left -= nbytes
@@ -680,6 +688,9 @@ class Constructor:
                 made = self.real.__new__(self.real, *args, **kwargs)
             else:
                 made = self.real(*args, **kwargs)
+            self.resolver.seal_dtypes(args)
+            if self.name == "numpy.dtype" and len(args) == 3 and args[2] is True:
+                self.resolver.fresh_dtypes[id(made)] = made
             check = _RESULT_CHECKS.get(self.name)
             return check(made) if check is not None else made
         except _Refused as refused:
@@ -898,8 +909,11 @@ def _buildable(inst: Any, state: Any, resolver: GlobalResolver) -> bool:
     numpy = sys.modules.get("numpy")
     if numpy is not None and type(inst) is numpy.ndarray:
         resolver.spend(_ndarray_state_bytes(state), "numpy.ndarray")
+        resolver.seal_dtypes(state if type(state) is tuple else ())
         return True
-    return type(inst) in resolver.classes_loaded or (numpy is not None and isinstance(inst, numpy.dtype))
+    if numpy is not None and isinstance(inst, numpy.dtype):
+        return resolver.fresh_dtypes.pop(id(inst), None) is inst
+    return type(inst) in resolver.classes_loaded
 
 
 def _ndarray_state_bytes(state: Any) -> int:
@@ -943,6 +957,11 @@ _MAX_KEY_ITEMS = 10_000
 def _check_key(key: Any) -> None:
     if type(key) in (tuple, frozenset) and _printed_items(key, {}) > _MAX_KEY_ITEMS:
         raise UnsafePickleError(f"pickle uses a dict key that would print as more than {_MAX_KEY_ITEMS:,} items")
+    if type(key) is int and key.bit_length() > _MAX_KEY_BITS:  # str() of it raises past 4300 digits
+        raise UnsafePickleError("pickle uses a dict key that is an integer too long to print")
+
+
+_MAX_KEY_BITS = 14_000
 
 
 def _printed_items(node: Any, sizes: dict[int, int]) -> int:

@@ -525,3 +525,45 @@ def test_python_unpickling_stays_fast(tmp_path: Path) -> None:
     start = time.monotonic()
     run_cli("--dry-run", tmp_path)
     assert time.monotonic() - start < MAX_SECONDS
+
+
+def _dtype_changed_after_use(copy: bool) -> bytes:
+    """A V8 dtype, memoized, put under an array, then given a 1 MiB item size by BUILD."""
+    flag = b"\x88" if copy else b"\x89"
+    dtype = call(G("numpy", "dtype"), text("V8"), b"\x89", flag) + put(1_000_000)
+    array = call(G("numpy.core.multiarray", "_reconstruct"), G("numpy", "ndarray"), b"K\x00\x85", b"C\x01b")
+    state = b"(K\x01K\x02\x85" + dtype + b"\x89C\x10" + bytes(16) + b"t"
+    grow = get(1_000_000) + b"(K\x03X\x01\x00\x00\x00|NNN" + integer(1 << 20) + b"K\x01K\x00tb0"
+    return b"(" + array + state + b"b" + grow + b"l"
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["used-by-an-array", "numpy's-shared-dtype"])
+def test_a_dtype_is_set_only_before_it_is_used(tmp_path: Path, copy: bool) -> None:
+    refused_in_average(tmp_path, zip_with(_dtype_changed_after_use(copy)), "sets the state of")
+    assert np.dtype("V8").itemsize == 8 and np.zeros(2).dtype.itemsize == 8
+
+
+def test_numpy_values_in_hyper_parameters_come_back_as_they_were(tmp_path: Path) -> None:
+    hyper = {
+        "mean": np.arange(6.0).reshape(2, 3),
+        "names": np.array(["a", "bc"]),
+        "records": np.zeros(2, dtype=[("x", "<i4"), ("y", "<f8", (2,))]),
+        "scalar": np.float64(1.5),
+        "count": np.int64(7),
+        "mixed": np.array([1, "a", None], dtype=object),
+        "dtype": np.dtype(">u2"),
+    }
+    for epoch in range(2):
+        tree = {"state_dict": state_dict(epoch), "epoch": epoch, "hyper_parameters": hyper}
+        torch.save(tree, tmp_path / f"e{epoch}.ckpt")
+    run_cli(tmp_path / "e0.ckpt", tmp_path / "e1.ckpt", "-o", tmp_path / "avg.ckpt")
+    out = torch.load(tmp_path / "avg.ckpt", weights_only=False)["hyper_parameters"]
+    assert out["dtype"] == hyper["dtype"] and out["scalar"] == 1.5 and out["count"] == 7
+    for key, value in hyper.items():
+        assert type(out[key]) is type(value), key
+        if isinstance(value, np.ndarray):
+            assert out[key].dtype == value.dtype and out[key].shape == value.shape
+            if value.dtype.hasobject:
+                assert out[key].tolist() == value.tolist()
+            else:
+                assert out[key].tobytes() == value.tobytes()

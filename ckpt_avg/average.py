@@ -515,6 +515,12 @@ class Engine:
         if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
             self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
         _synchronize(self.device)  # the read buffers and `out` are reused next
+        if not self.options.allow_nonfinite and _narrower(unit) and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                f"tensor {name!r}: its mean is beyond the range of {str(out.dtype).removeprefix('torch.')}"
+                f" (largest {torch.finfo(out.dtype).max:g}) and would be written as Inf; choose a wider --dtype,"
+                " or --allow-nonfinite to write it anyway"
+            )
 
     def _mean_block(self, xs: list[torch.Tensor], out: torch.Tensor, total: torch.Tensor) -> None:
         """Sum in index order in the accumulator dtype, divide, round once; `total` gets the sum."""
@@ -569,6 +575,12 @@ class Engine:
                     f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
                     " (use --allow-nonfinite to average it anyway)"
                 )
+
+
+def _narrower(unit: Unit) -> bool:
+    """Whether a finite mean of the inputs can still round to Inf in the output dtype (`--dtype float16`)."""
+    largest = torch.finfo(unit.out_dtype).max
+    return any(torch.finfo(leaf.dtype).max > largest for leaf in unit.leaves if leaf.dtype.is_floating_point)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -40,8 +40,8 @@ from . import __version__
 from .api import Options, _Run, _validate
 from .average import Unit
 from .errors import CkptAvgError
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, read_leaf_range
-from .report import human_size
+from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize, leaf_numel, read_leaf_range
+from .report import human_size, terminal_safe
 from .sources import OpenedCheckpoint, content_meta
 from .statedict import dotted
 
@@ -200,18 +200,19 @@ def weight_drift(
     prev2 = [0.0] * count
     last2 = [0.0] * count
     for leaves in tensors:
-        for start, size in _chunks(leaves, chunk_elements):
-            last = _read64(leaves[-1], start, size)
-            previous: torch.Tensor | None = None
-            for t, leaf in enumerate(leaves):
-                current = last if t == count - 1 else _read64(leaf, start, size)
-                norm2[t] += _square_sum(current)
-                last2[t] += _square_sum(current - last) if t != count - 1 else 0.0
-                if previous is not None:
-                    prev2[t] += _square_sum(current - previous)
-                previous = current
-                if progress is not None:
-                    progress(size * itemsize(leaf.dtype))
+        with _ChunkReader() as reader:
+            for start, size in _chunks(leaves, chunk_elements):
+                last = reader.read(leaves[-1], start, size).to(torch.float64)
+                previous: torch.Tensor | None = None
+                for t, leaf in enumerate(leaves):
+                    current = last if t == count - 1 else reader.read(leaf, start, size).to(torch.float64)
+                    norm2[t] += _square_sum(current)
+                    last2[t] += _square_sum(current - last) if t != count - 1 else 0.0
+                    if previous is not None:
+                        prev2[t] += _square_sum(current - previous)
+                    previous = current
+                    if progress is not None:
+                        progress(size * itemsize(leaf.dtype))
     drift_prev: list[float | None] = [None] + [_ratio(prev2[t], norm2[t - 1]) for t in range(1, count)]
     drift_last = [_ratio(last2[t], norm2[-1]) for t in range(count)]
     return drift_prev, drift_last
@@ -224,23 +225,92 @@ def differing_integers(units: Sequence[Unit], first: int, chunk_elements: int = 
         leaves = unit.leaves[first:]
         if unit.kind != "int" or len(leaves) < 2:
             continue
-        for start, size in _chunks(leaves, chunk_elements):
-            reference = read_leaf_range(leaves[-1], start, size)
-            if any(not torch.equal(read_leaf_range(leaf, start, size), reference) for leaf in leaves[:-1]):
-                names.append(unit.names[0])
-                break
+        with _ChunkReader() as reader:
+            for start, size in _chunks(leaves, chunk_elements):
+                reference = reader.read(leaves[-1], start, size)
+                if any(not torch.equal(reader.read(leaf, start, size), reference) for leaf in leaves[:-1]):
+                    names.append(unit.names[0])
+                    break
     return names
 
 
 def _chunks(leaves: Sequence[TensorLeaf], chunk_elements: int) -> list[tuple[int, int]]:
     total = leaf_numel(leaves[0])
-    if any(isinstance(x, LazyTensor) and not x.is_contiguous() for x in leaves):
-        chunk_elements = max(total, 1)  # a strided view is read whole anyway: read it once
     return [(start, min(chunk_elements, total - start)) for start in range(0, total, chunk_elements)]
 
 
-def _read64(leaf: TensorLeaf, start: int, size: int) -> torch.Tensor:
-    return read_leaf_range(leaf, start, size).to(torch.float64)
+class _ChunkReader:
+    """Elements [start, start+count) of a tensor in row-major order, whatever its strides.
+
+    A transposed or expanded view is never made whole in memory here: a 1-element
+    storage expanded to 2^27 elements, from a file of a few KB, would take gigabytes. Its
+    chunk is gathered from the part of the storage the chunk touches (never more than
+    the storage itself, which is real bytes of the file); a view whose chunks each touch
+    most of a large storage (a transposed matrix) is copied out once to an unnamed
+    temporary file and read back by range, as the averaging does.
+    """
+
+    def __init__(self) -> None:
+        self._spilled: dict[int, SpilledTensor] = {}
+
+    def __enter__(self) -> _ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        close_spilled(self._spilled)
+
+    def read(self, leaf: TensorLeaf, start: int, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.empty(0, dtype=leaf.dtype)
+        if isinstance(leaf, torch.Tensor):
+            if leaf.is_contiguous():
+                return read_leaf_range(leaf, start, count)
+            base = leaf.detach().as_strided((_span(leaf.shape, leaf.stride()),), (1,), leaf.storage_offset())
+            index = _storage_indices(leaf.shape, leaf.stride(), start, count)
+            return base[:1].expand(count) if index is None else base[index]
+        if leaf.is_contiguous():
+            return leaf.read_range(start, count)
+        spill = self._spilled.get(id(leaf))
+        if spill is not None:
+            return spill.read_into(start, count, torch.empty(count * itemsize(leaf.dtype), dtype=torch.uint8))
+        index = _storage_indices(leaf.shape, leaf.stride, start, count)
+        if index is None:  # every element is the view's first: one element, broadcast
+            return leaf.read_range(0, 1).expand(count)
+        low, high = int(index.min()), int(index.max())
+        window = high - low + 1
+        overlapping = leaf.numel > _span(leaf.shape, leaf.stride)
+        if overlapping or window <= max(4 * count, 1 << 20):
+            part = LazyTensor(leaf.storage, leaf.dtype, (window,), (1,), leaf.storage_offset + low)
+            return part.read_range(0, window)[index.sub_(low)]
+        self._spilled[id(leaf)] = SpilledTensor(leaf)  # as large as the storage: real bytes of the file
+        return self.read(leaf, start, count)
+
+
+def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
+    """Elements of storage a view reaches, from its first to its last."""
+    if math.prod(shape) == 0:
+        return 0
+    return 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
+
+
+def _storage_indices(shape: Sequence[int], stride: Sequence[int], start: int, count: int) -> torch.Tensor | None:
+    """Storage positions (from the view's offset) of row-major elements [start, start+count).
+
+    None when every element is at the view's offset (a single value broadcast).
+    """
+    dims = [(size, step) for size, step in zip(shape, stride, strict=True) if size != 1]
+    while dims and dims[0][1] == 0:
+        dims.pop(0)  # outer broadcast dimensions move nothing
+    if not dims or count == 0 or all(step == 0 for _, step in dims):
+        return None
+    flat = torch.arange(start, start + count, dtype=torch.int64)
+    index = torch.zeros(count, dtype=torch.int64)
+    for position, (size, step) in enumerate(reversed(dims)):
+        if step:
+            index.add_(torch.remainder(flat, size).mul_(step))
+        if position < len(dims) - 1:
+            flat.floor_divide_(size)
+    return index
 
 
 def _square_sum(values: torch.Tensor) -> float:
@@ -413,7 +483,7 @@ def inspection_table(inspection: Inspection) -> str:
     metrics = shown_metrics(inspection)
     suggestion = inspection.suggestion
     by = inspection.by if inspection.by != "order" else "#"
-    header = ["", by, "file", "size", "dtypes", *metrics, "drift/prev", "drift/last", ""]
+    header = ["", by, "file", "size", "dtypes", *map(terminal_safe, metrics), "drift/prev", "drift/last", ""]
     lines = [header]
     position = 0
     for row in inspection.rows:
@@ -423,12 +493,13 @@ def inspection_table(inspection: Inspection) -> str:
             position += 1
         dtypes = " ".join(f"{name}:{n}" for name, n in row.dtypes.items())
         lines.append([
-            mark, _text(row.index), row.path, human_size(row.size) if row.size else "", dtypes,
+            mark, _text(row.index), terminal_safe(row.path), human_size(row.size) if row.size else "", dtypes,
             *(_number(row.metrics.get(name)) for name in metrics),
-            _number(row.drift_prev), _number(row.drift_last) if row.inspected else "", row.reason,
+            _number(row.drift_prev), _number(row.drift_last) if row.inspected else "", terminal_safe(row.reason),
         ])  # fmt: skip
     text = _align(lines, numeric={1, 3, *range(5, 5 + len(metrics) + 2)})
-    return "\n".join([text, *_footer(inspection, len(metrics))])
+    # The footer names the state dict and repeats the inputs in the suggested command.
+    return "\n".join([text, *(terminal_safe(line) for line in _footer(inspection, len(metrics)))])
 
 
 def _align(rows: list[list[str]], numeric: set[int]) -> str:
@@ -494,14 +565,16 @@ def plot_inspection(inspection: Inspection, path: str) -> None:
     The image is written to a temporary file beside `path` and renamed into place.
     """
     require_matplotlib()
-    figure = _figure(inspection)
     directory = os.path.dirname(path) or "."
     suffix = os.path.splitext(path)[1].lower() or ".png"
     fd, temp = tempfile.mkstemp(prefix=".ckpt-avg-tmp-", suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            figure.savefig(f, format=suffix.lstrip("."), dpi=120)
+            _figure(inspection).savefig(f, format=suffix.lstrip("."), dpi=120)
         os.replace(temp, path)
+    except (ValueError, OverflowError, RecursionError, RuntimeError) as exc:
+        os.unlink(temp)  # matplotlib's own errors: an unknown format, text it cannot lay out
+        raise CkptAvgError(f"--plot {path}: cannot draw the plot: {type(exc).__name__}: {exc}") from None
     except BaseException:
         os.unlink(temp)
         raise
@@ -544,9 +617,16 @@ def _metric_lines(ax: Any, xs: list[int], rows: list[Row], names: list[str]) -> 
     handles: list[Any] = []
     for name, color in zip(names, ("tab:orange", "tab:red", "tab:purple"), strict=False):
         values = [r.metrics.get(name, math.nan) for r in rows]
-        handles += twin.plot(xs, values, "^--", color=color, ms=4, lw=1, label=name)
-    twin.set_ylabel(", ".join(names))
+        handles += twin.plot(xs, values, "^--", color=color, ms=4, lw=1, label=_literal(name))
+    twin.set_ylabel(_literal(", ".join(names)))
     return handles
+
+
+def _literal(text: str, limit: int = 60) -> str:
+    """Text that matplotlib draws as written: a `$` in a metric name would start mathtext."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text.replace("$", r"\$")
 
 
 def _positive(value: float | None) -> float:

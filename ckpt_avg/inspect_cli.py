@@ -16,6 +16,7 @@ from .cli import _errors
 from .cli import main as _average_command
 from .errors import UsageError
 from .inspect import DEFAULT_BAND, inspect_checkpoints, inspection_table, plot_inspection, require_matplotlib
+from .report import terminal_safe
 from .select import SelectOptions
 
 EPILOG = """\b
@@ -99,12 +100,12 @@ def _run(params: dict[str, Any]) -> None:
         )
     if not quiet:
         for warning in result.warnings:
-            click.echo(f"Warning: {warning}", err=True)
+            click.echo(f"Warning: {terminal_safe(warning)}", err=True)
     click.echo(result.to_json() if params["as_json"] else inspection_table(result))
     if plot is not None:
         plot_inspection(result, plot)
         if not quiet:
-            click.echo(f"Plot written to {plot}", err=True)
+            click.echo(f"Plot written to {terminal_safe(plot)}", err=True)
 
 
 @contextmanager

@@ -9,10 +9,11 @@ import math
 import os
 import pickle
 import shutil
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -234,13 +235,54 @@ def _write_index(
 
 
 def _copy_side_files(layout: Layout, directory: str) -> None:
+    """Copy the last Trainer directory's config and tokenizer files; say which were not copied and why."""
     last = layout.opened[-1].ref
     if not last.is_directory:
         return
     source = os.path.dirname(last.files[0])
     for name in sorted(os.listdir(source)):
-        if name in HF_SIDE_FILES and os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+        if name in HF_SIDE_FILES:
+            problem = copy_side_file(source, name, directory)
+            if problem:
+                layout.warnings.append(f"{os.path.join(source, name)}: not copied into the output: {problem}")
+
+
+def copy_side_file(source: str, name: str, directory: str) -> str:
+    """Copy `source/name` into `directory` if it is a regular file in `source`; else say why not.
+
+    A symbolic link is never followed (it could point at /proc/self/environ or a key file,
+    whose contents would then sit in an output that is shared), nor is anything that is
+    not a regular file on the input directory's own file system (a device, a FIFO, a file
+    mounted over the name). The copy is no more readable than the source.
+    """
+    path = os.path.join(source, name)
+    try:
+        before = os.lstat(path)
+        if stat.S_ISLNK(before.st_mode):
+            return "it is a symbolic link (side files are copied only when they are regular files)"
+        if not stat.S_ISREG(before.st_mode) or before.st_dev != os.stat(source).st_dev:
+            return "it is not a regular file in the input directory"
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror})"
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            return "it changed while it was being opened"
+        mode = stat.S_IMODE(opened.st_mode) & 0o644
+        with _new_file(os.path.join(directory, name), mode) as out:
+            shutil.copyfileobj(file, out)
+    return ""
+
+
+@contextlib.contextmanager
+def _new_file(path: str, mode: int) -> Iterator[IO[bytes]]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    with os.fdopen(fd, "wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
 
 
 # ---------------------------------------------------------------- .pt

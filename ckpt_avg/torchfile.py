@@ -382,10 +382,10 @@ def _storages_named(file: _Window, path: str) -> dict[str, tuple[torch.dtype, in
     """
     named: dict[str, tuple[torch.dtype, int]] = {}
 
-    def note(pid: Any) -> None:
+    def note(pid: Any) -> Any:
         parsed = _parse_legacy_id(pid, path)
         if parsed is None:
-            return
+            return pid[1]  # a module's class, here a placeholder: the tree goes on building with it
         key, dtype, numel, _view = parsed
         if named.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise CheckpointError(f"{path}: storage '{shown(key)}' is named with two types or sizes")

@@ -30,6 +30,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import leftovers, oracle_mean, run_cli
+from safetensors.torch import load_file
 
 from ckpt_avg.inspect_cli import inspect_command
 
@@ -567,3 +568,22 @@ def test_numpy_values_in_hyper_parameters_come_back_as_they_were(tmp_path: Path)
                 assert out[key].tolist() == value.tolist()
             else:
                 assert out[key].tobytes() == value.tobytes()
+
+
+def test_a_legacy_whole_model_reads_as_its_zip_twin(tmp_path: Path) -> None:
+    """torch.save(model) in the legacy format names each module class in a 'module' id:
+    read inertly, the file behaves exactly as the same model saved as a zip."""
+    results = []
+    for legacy in (True, False):
+        directory = tmp_path / ("legacy" if legacy else "zip")
+        directory.mkdir()
+        torch.manual_seed(0)
+        for epoch in range(2):
+            model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+            tree = {"model": model, "state_dict": model.state_dict(), "epoch": epoch}
+            torch.save(tree, directory / f"epoch={epoch}.pt", _use_new_zipfile_serialization=not legacy)
+        run_cli(directory, "-o", directory / "avg.safetensors")
+        results.append(load_file(directory / "avg.safetensors"))
+    assert results[0].keys() == results[1].keys() and results[0]
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert not list(tmp_path.rglob("*.patch"))

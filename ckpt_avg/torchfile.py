@@ -30,6 +30,9 @@ from .unpickle import (
     loads_checked,
     shown,
 )
+from .unpickle import (
+    describe_object as _describe,
+)
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -379,10 +382,10 @@ def _storages_named(file: _Window, path: str) -> dict[str, tuple[torch.dtype, in
     """
     named: dict[str, tuple[torch.dtype, int]] = {}
 
-    def note(pid: Any) -> None:
+    def note(pid: Any) -> Any:
         parsed = _parse_legacy_id(pid, path)
         if parsed is None:
-            return
+            return pid[1]  # a module's class, here a placeholder: the tree goes on building with it
         key, dtype, numel, _view = parsed
         if named.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise CheckpointError(f"{path}: storage '{shown(key)}' is named with two types or sizes")
@@ -391,6 +394,8 @@ def _storages_named(file: _Window, path: str) -> dict[str, tuple[torch.dtype, in
     resolver = GlobalResolver(PicklePolicy(), overrides, placeholders_only=True)
     try:
         RestrictedUnpickler(file, resolver, note).load()  # type: ignore[arg-type]
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
     except CheckpointError:
         raise
     except RecursionError:
@@ -478,7 +483,10 @@ class _LegacyStorages:
         # .patch file when asked to; we only hand back the class, inert unless trusted.
         if self.trust or (isinstance(cls, type) and issubclass(cls, Placeholder)):
             return cls
-        raise CheckpointError(f"{self.path}: a 'module' persistent id in the pickle names something other than a class")
+        raise CheckpointError(
+            f"{self.path}: a 'module' persistent id in the pickle names {_describe(cls)},"
+            " not the class of a saved nn.Module"
+        )
 
 
 def _refuse_non_pickle(path: str) -> None:

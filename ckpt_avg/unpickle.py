@@ -239,6 +239,14 @@ class GlobalResolver:
         self.vouched: set[type] = set()  # --allow-global classes: built inert, never called
         self._override_ids = {id(value) for value in (*overrides.values(), self._getattr)}
         self._snapshots: dict[int, tuple[Any, _State]] = {}
+        # numpy dtypes this pickle made with copy=True and has not used yet: the only ones
+        # BUILD may set. A dtype already under an array, or numpy's shared float64, changed
+        # afterwards would make that array read past its memory.
+        self.fresh_dtypes: dict[int, Any] = {}
+
+    def seal_dtypes(self, values: Any) -> None:
+        for value in values:
+            self.fresh_dtypes.pop(id(value), None)
 
     def spend(self, nbytes: int, what: str) -> None:
         self.bytes_left -= nbytes
@@ -532,6 +540,13 @@ def _numpy_scalar_type(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return _OBJECT + (_scalar_size(args[0]) if args else 0)
 
 
+def _numpy_text_type(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """numpy.bytes_ and numpy.str_: of text only (numpy.bytes_(3_000_000_000) is 3 GB of zeros)."""
+    if kwargs or len(args) > 1 or (args and type(args[0]) not in (str, bytes)):
+        raise _Refused("it is given something other than text")
+    return _OBJECT + 4 * (len(args[0]) if args else 0)
+
+
 def _numpy_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     if kwargs or len(args) > 3:
         raise _Refused("too many arguments")
@@ -628,6 +643,7 @@ _CONTAINERS = (
 _RULES: dict[str, _Rule] = {
     **dict.fromkeys(_CONTAINERS, _container),
     **dict.fromkeys(_NUMPY_SCALAR_TYPES, _numpy_scalar_type),
+    **dict.fromkeys(("numpy.bytes_", "numpy.str_"), _numpy_text_type),
     **dict.fromkeys(("builtins.int", "builtins.float", "builtins.complex", "builtins.bool"), _number),
     **dict.fromkeys((n for n in _ALLOWED if n.startswith("omegaconf.")), _no_arguments),
     "builtins.object": _no_arguments,
@@ -687,6 +703,9 @@ class Constructor:
                 made = self.real.__new__(self.real, *args, **kwargs)
             else:
                 made = self.real(*args, **kwargs)
+            self.resolver.seal_dtypes(args)
+            if self.name == "numpy.dtype" and len(args) == 3 and args[2] is True:
+                self.resolver.fresh_dtypes[id(made)] = made
             check = _RESULT_CHECKS.get(self.name)
             return check(made) if check is not None else made
         except _Refused as refused:
@@ -741,7 +760,7 @@ def _acts(value: Any) -> bool:
     return isinstance(value, type | types.ModuleType | Constructor) or callable(value)
 
 
-def _describe(value: Any) -> str:
+def describe_object(value: Any) -> str:
     """What a message calls an object from a pickle: never its repr, which its class decides."""
     value = _real(value)
     if isinstance(value, type) and issubclass(value, Placeholder):
@@ -803,7 +822,7 @@ class RestrictedUnpickler(pickle._Unpickler):
             return _inert_instance(func, args, kwargs)
         if self.resolver.is_override(func) and not new:
             return func(*args, **kwargs)
-        raise UnsafePickleError(f"pickle calls {_describe(func)}, which cannot be called")
+        raise UnsafePickleError(f"pickle calls {describe_object(func)}, which cannot be called")
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
@@ -828,8 +847,9 @@ class RestrictedUnpickler(pickle._Unpickler):
     def _target(self, opcode: str) -> Any:
         target = self.stack[-1]
         if _acts(target):
+            what = describe_object(target)
             raise UnsafePickleError(
-                f"pickle changes the attributes of {_describe(target)} ({opcode} on a class or function is refused)"
+                f"pickle changes the attributes of {what} ({opcode} on a class or function is refused)"
             )
         return target
 
@@ -844,7 +864,7 @@ class RestrictedUnpickler(pickle._Unpickler):
             self.stack.append(state)
             pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
         else:
-            raise UnsafePickleError(f"pickle sets the state of {_describe(inst)}, which it may not")
+            raise UnsafePickleError(f"pickle sets the state of {describe_object(inst)}, which it may not")
 
     def load_setitem(self) -> None:
         value = self.stack.pop()
@@ -863,11 +883,17 @@ class RestrictedUnpickler(pickle._Unpickler):
         items = self.pop_mark()
         _extend(self._target("APPENDS"), items, self.resolver)
 
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        made: dict[Any, Any] = {}
+        _store(made, items, self.resolver)
+        self.append(made)
+
     def load_additems(self) -> None:
         items = self.pop_mark()
         target = self._target("ADDITEMS")
         if type(target) in self.resolver.vouched:
-            raise UnsafePickleError(f"pickle adds items to {_describe(target)}, which it may not")
+            raise UnsafePickleError(f"pickle adds items to {describe_object(target)}, which it may not")
         if isinstance(target, set):
             target.update(items)
         else:
@@ -887,7 +913,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         (pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_newobj), (pickle.NEWOBJ_EX, load_newobj_ex),
         (pickle.BUILD, load_build), (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
         (pickle.APPEND, load_append), (pickle.APPENDS, load_appends), (pickle.ADDITEMS, load_additems),
-        (pickle.BYTEARRAY8, load_bytearray8),
+        (pickle.BYTEARRAY8, load_bytearray8), (pickle.DICT, load_dict),
     ):  # fmt: skip
         dispatch[_opcode[0]] = _method
     del _opcode, _method
@@ -898,8 +924,11 @@ def _buildable(inst: Any, state: Any, resolver: GlobalResolver) -> bool:
     numpy = sys.modules.get("numpy")
     if numpy is not None and type(inst) is numpy.ndarray:
         resolver.spend(_ndarray_state_bytes(state), "numpy.ndarray")
+        resolver.seal_dtypes(state if type(state) is tuple else ())
         return True
-    return type(inst) in resolver.classes_loaded or (numpy is not None and isinstance(inst, numpy.dtype))
+    if numpy is not None and isinstance(inst, numpy.dtype):
+        return resolver.fresh_dtypes.pop(id(inst), None) is inst
+    return type(inst) in resolver.classes_loaded
 
 
 def _ndarray_state_bytes(state: Any) -> int:
@@ -919,25 +948,55 @@ def _ndarray_state_bytes(state: Any) -> int:
 def _set_attributes(inst: Any, state: Any) -> None:
     """BUILD on an allowed class's object: a plain update of its __dict__, no method runs."""
     if not (type(state) is dict and all(type(k) is str for k in state)):
-        raise UnsafePickleError(f"pickle gives {_describe(type(inst))} a state that is not a dict of attributes")
+        raise UnsafePickleError(f"pickle gives {describe_object(type(inst))} a state that is not a dict of attributes")
     object.__getattribute__(inst, "__dict__").update(state)
 
 
 def _store(target: Any, items: list[Any], resolver: GlobalResolver) -> None:
     if type(target) in resolver.vouched:
         if not isinstance(target, dict):
-            raise UnsafePickleError(f"pickle sets items of {_describe(type(target))}, which it may not")
+            raise UnsafePickleError(f"pickle sets items of {describe_object(type(target))}, which it may not")
         for i in range(0, len(items) - 1, 2):
             dict.__setitem__(target, items[i], items[i + 1])
         return
     for i in range(0, len(items) - 1, 2):
+        _check_key(items[i])
         target[items[i]] = items[i + 1]
+
+
+# A dict key is printed in messages and plans: a tuple of ten references to one tuple,
+# eight deep, is a few hundred bytes of pickle and prints as 10**8 items.
+_MAX_KEY_ITEMS = 10_000
+
+
+def _check_key(key: Any) -> None:
+    if type(key) in (tuple, frozenset) and _printed_items(key, {}) > _MAX_KEY_ITEMS:
+        raise UnsafePickleError(f"pickle uses a dict key that would print as more than {_MAX_KEY_ITEMS:,} items")
+    if type(key) is int and key.bit_length() > _MAX_KEY_BITS:  # str() of it raises past 4300 digits
+        raise UnsafePickleError("pickle uses a dict key that is an integer too long to print")
+
+
+_MAX_KEY_BITS = 14_000
+
+
+def _printed_items(node: Any, sizes: dict[int, int]) -> int:
+    """How many items printing `node` writes, counting a shared part each time it appears."""
+    if type(node) not in (tuple, frozenset):
+        return 1
+    if id(node) not in sizes:
+        total = 1
+        for child in node:
+            total += _printed_items(child, sizes)
+            if total > _MAX_KEY_ITEMS:
+                break
+        sizes[id(node)] = total
+    return sizes[id(node)]
 
 
 def _extend(target: Any, items: list[Any], resolver: GlobalResolver) -> None:
     if type(target) in resolver.vouched:
         if not isinstance(target, list):
-            raise UnsafePickleError(f"pickle appends to {_describe(type(target))}, which it may not")
+            raise UnsafePickleError(f"pickle appends to {describe_object(type(target))}, which it may not")
         list.extend(target, items)
         return
     extend = getattr(target, "extend", None)
@@ -952,7 +1011,7 @@ def _inert_instance(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     """An --allow-global class's object, made without calling anything the class defines."""
     if args or kwargs:
         raise UnsafePickleError(
-            f"pickle calls {_describe(cls)} with arguments; an allowed class is only rebuilt from its"
+            f"pickle calls {describe_object(cls)} with arguments; an allowed class is only rebuilt from its"
             " attributes (--trust-pickle is for files you trust)"
         )
     base = next(b for b in cls.__mro__ if b in (dict, list, object))

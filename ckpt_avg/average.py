@@ -546,21 +546,25 @@ class Engine:
         On the CPU the work goes block by block so the float64 scratch stays in cache; on a
         device the chunks are copied over (from pinned buffers) and done in one block.
         """
+        narrowing = not self.options.allow_nonfinite and _narrower(unit)
+        overflowed = False
         if self._blocked:
             block = self.budgets.block_elements
             sums = self._buffer("sums", -(-out.numel() // block), torch.float64)
             for j, start in enumerate(range(0, out.numel(), block)):
                 end = min(out.numel(), start + block)
                 self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
+                overflowed = overflowed or (narrowing and _overflows(out[start:end]))  # while it is in cache
         else:
             sums = self._buffer("sums", 1, torch.float64)
             result = self._buffer("result", out.numel(), out.dtype)
             self._mean_block([c.to(self.device, non_blocking=True) for c in chunks], result, sums[0])
+            overflowed = narrowing and out.numel() > 0 and _overflows(result)
             out.copy_(result, non_blocking=True)
         if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
             self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
         _synchronize(self.device)  # the read buffers and `out` are reused next
-        if not self.options.allow_nonfinite and _narrower(unit) and not bool(torch.isfinite(out).all()):
+        if overflowed:  # finite means (checked above) that the output dtype cannot hold
             raise NonFiniteError(
                 f"tensor {name!r}: its mean is beyond the range of {str(out.dtype).removeprefix('torch.')}"
                 f" (largest {torch.finfo(out.dtype).max:g}) and would be written as Inf; choose a wider --dtype,"
@@ -620,6 +624,11 @@ class Engine:
                     f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
                     " (use --allow-nonfinite to average it anyway)"
                 )
+
+
+def _overflows(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)
+    return not (math.isfinite(float(low)) and math.isfinite(float(high)))
 
 
 def _narrower(unit: Unit) -> bool:

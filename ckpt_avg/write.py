@@ -77,9 +77,8 @@ def remove_stale_temps(final_path: str) -> None:
             continue
         pid = name[len(prefix) :].split("-", 1)[0]
         if pid.isascii() and pid.isdigit() and not _pid_alive(int(pid)):
-            path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
 
 
 def temp_path_for(final_path: str) -> str:
@@ -143,7 +142,7 @@ def commit(temp: str, final: str, *, force: bool) -> None:
 def _remove_replaced(old: str) -> None:
     """Delete what OUTPUT was before: a link as a link (never what it points to), a directory whole."""
     if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # a partial removal still leaves the new OUTPUT whole
     else:
         os.remove(old)
 

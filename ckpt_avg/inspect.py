@@ -165,7 +165,8 @@ def inspect_checkpoints(
     position, note = suggest_start(prev, band=band)
     if unindexed_found(run.plan):
         # Never a silent order: drift between names in natural order says nothing about the run.
-        position, note = None, (
+        position = None
+        note = (
             "the checkpoints carry no epoch or step in their names or contents, so they have no order"
             " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
         )

@@ -25,15 +25,18 @@ from . import __version__
 from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import CkptAvgError, UsageError
+from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
 from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
+from .modules import pickled_modules
+from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
-from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
+from .unpickle import PicklePolicy, check_allow_global
+from .userpath import importable_from_cwd
 from .write import remove_stale_temps
 from .writers import write_output
 
@@ -110,7 +113,7 @@ def average_checkpoints(
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(kind)
+    layout = run.layout(kind, output)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
@@ -369,7 +372,7 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, kind: OutputKind) -> Layout:
+    def layout(self, kind: OutputKind, output: str = "avg.pt") -> Layout:
         assert self.choice is not None
         paths = [self.choice.primary]
         if kind.keeps_structure:
@@ -380,8 +383,10 @@ class _Run:
                     self.warnings.append(
                         f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
                     )
+        if kind.keeps_structure and not self.options.trust_pickle:
+            refuse_pickled_modules(self.selected_opened[-1], paths, output)
         out_dtype = DTYPES[self.options.dtype] if self.options.dtype else None
-        return build_layout(
+        layout = build_layout(
             self.selected_opened,
             self.choice,
             paths,
@@ -389,6 +394,15 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
+        extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
+        if extras:
+            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
+            self.warnings.append(
+                f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
+                f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"
+                f" not averaged, {fate}"
+            )
+        return layout
 
     def provenance(self) -> dict[str, Any]:
         select = self.options.select
@@ -496,6 +510,26 @@ def _listing(directory: str) -> list[str]:
         return os.listdir(directory)
     except OSError:
         return []
+
+
+def refuse_pickled_modules(last: OpenedCheckpoint, paths: Sequence[tuple[str, ...]], output: str) -> None:
+    """A .pt output keeps a whole pickled model only when its class may be imported."""
+    for where, module in pickled_modules(last.tree):
+        path = () if where == "(top level)" else (where,)
+        if path in paths:
+            raise CheckpointError(
+                f"{last.ref.display}: {where} is a whole pickled model ({module.class_name}); its tensors are"
+                " averaged without importing that class, but a .pt output would have to rebuild the object:"
+                f" write a state dict for load_state_dict with -o {_stem(output)}.safetensors, or add --trust-pickle"
+                " for files you trust (it imports the class and runs their code) to keep the model in a .pt file"
+            )
+
+
+def _stem(output: str) -> str:
+    for suffix in (*PYTORCH_SUFFIXES, ".safetensors"):
+        if output.lower().endswith(suffix):
+            return output[: -len(suffix)]
+    return output
 
 
 def placeholder_warnings(placeholders: set[str]) -> list[str]:

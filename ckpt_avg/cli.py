@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .api import Options, average_checkpoints, plan_checkpoints
+from .cli_options import StrictCommand
 from .errors import CkptAvgError, SelectionError
 from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
@@ -51,6 +52,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @click.command(
+    cls=StrictCommand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )

@@ -8,6 +8,7 @@ share an index, their tensor data decides whether one is a copy of the other (SP
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from .sources import ContentMeta, OpenedCheckpoint
 from .statedict import find_state_dicts, get_path
 
 _CHUNK = 1 << 22  # elements compared at a time: memory stays bounded for any tensor
+_SAMPLE = 16  # elements of each tensor in a fingerprint
 
 
 def candidate_from(
@@ -94,6 +96,19 @@ def _state_dict(opened: OpenedCheckpoint, key: str | None) -> dict[str, Any]:
     return {k: v for k, v in node.items() if is_tensor_leaf(v)}
 
 
+def _fingerprint(opened: OpenedCheckpoint, key: str | None) -> bytes:
+    """Names, dtypes, shapes and the first few elements of every tensor: cheap, and it tells
+    apart any two checkpoints whose trained weights differ."""
+    digest = hashlib.sha256()
+    state_dict = _state_dict(opened, key)
+    for name in sorted(state_dict):
+        leaf = state_dict[name]
+        digest.update(f"{name}\0{leaf.dtype}\0{tuple(leaf.shape)}\0".encode())
+        sample = read_leaf_range(leaf, 0, min(_SAMPLE, leaf_numel(leaf)))
+        digest.update(_bytes(sample).numpy().tobytes())
+    return digest.digest()
+
+
 def _bytes(chunk: torch.Tensor) -> torch.Tensor:
     # Bytes, not values: NaN must equal NaN, and -0.0 differs from 0.0 in a copy check.
     return chunk.contiguous().view(-1).view(torch.uint8)
@@ -126,12 +141,23 @@ def _alias_equal(
     key: str | None,
 ) -> None:
     sets: list[list[int]] = []
+    try:  # a few elements of every tensor first: many mid-epoch saves must not mean many full reads
+        prints = {p: _fingerprint(opened(result[p].ref), key) for p in positions}
+    except (CkptAvgError, KeyError, TypeError, OSError):
+        return  # unreadable: the collision is reported as it is
     for position in positions:
         try:
             this = opened(result[position].ref)
-            match = next((s for s in sets if same_data(opened(result[s[0]].ref), this, key)), None)
+            match = next(
+                (
+                    s
+                    for s in sets
+                    if prints[s[0]] == prints[position] and same_data(opened(result[s[0]].ref), this, key)
+                ),
+                None,
+            )
         except (CkptAvgError, KeyError, TypeError, OSError):
-            return  # unreadable: the collision is reported as it is
+            return
         if match is None:
             sets.append([position])
         else:

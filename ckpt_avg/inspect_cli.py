@@ -14,6 +14,7 @@ import click
 from .api import Options
 from .cli import _errors
 from .cli import main as _average_command
+from .cli_options import StrictCommand
 from .errors import UsageError
 from .inspect import DEFAULT_BAND, inspect_checkpoints, inspection_table, plot_inspection, require_matplotlib
 from .report import terminal_safe
@@ -34,6 +35,7 @@ SHARED_OPTIONS = (
 
 
 @click.command(
+    cls=StrictCommand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )

@@ -16,7 +16,7 @@ PYTORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
 # `epoch=١٢` would count as epoch 12 and sort among the real ones.
 _INT = r"0*([0-9]+)"
 _EPOCH = re.compile(r"(?:^|[^a-z])epoch[=_-]?" + _INT + r"(?![0-9.])", re.IGNORECASE)
-_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?step[=_-]?" + _INT + r"(?![0-9.])", re.IGNORECASE)
+_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?(?:step|iter)[=_-]?" + _INT + r"(?![0-9.])", re.IGNORECASE)
 _FAIRSEQ_EPOCH = re.compile(r"^checkpoint" + _INT + r"$")
 _FAIRSEQ_UPDATE = re.compile(r"^checkpoint_" + _INT + "_" + _INT + r"$")
 _DASH_NUMBER = re.compile(r"^checkpoint-" + _INT + r"$")
@@ -25,8 +25,9 @@ _MEGATRON = re.compile(r"^iter_" + _INT + r"$")
 _SAVE_COUNT = re.compile(r"^checkpoint_" + _INT + r"$")
 _ESPNET_EPOCH = re.compile(r"^" + _INT + r"epoch$")
 _TORCHVISION_EPOCH = re.compile(r"^model_" + _INT + r"$")
-# NeMo's and Lightning's `...-epoch=3-last`: a copy that still names its epoch.
-_LAST_COPY = re.compile(r"-last(?:-v[0-9]+)?$", re.IGNORECASE)
+# NeMo's and Lightning's `...-epoch=3-last`, mmengine's `best_acc_epoch_3`: copies that still
+# name their index.
+_LAST_COPY = re.compile(r"-last(?:-v[0-9]+)?$|^best_.+_(?:epoch|iter)_[0-9]+$", re.IGNORECASE)
 _NATURAL = re.compile(r"([0-9]+)")
 _NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 _METRIC = re.compile(r"(?:^|[-_ ])([A-Za-z][\w/.]*?)=(" + _NUMBER + r")(?=$|[-_ ])")
@@ -115,7 +116,7 @@ def _metrics(base: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for m in _METRIC.finditer(base):
         key = m.group(1)
-        if key.lower() in ("epoch", "step", "global_step"):
+        if key.lower() in ("epoch", "step", "global_step", "iter"):
             continue
         found[key] = float(m.group(2))
     return found

@@ -6,6 +6,7 @@ Every candidate ends up in the plan, selected or with the reason it was left out
 from __future__ import annotations
 
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,13 @@ def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[
         if kind != "save" or len(missing) < len(candidates):
             problems.append(_describe(kind, missing, collisions))
     if not by and all(c.epoch is None and c.step is None and c.ref.name.save is None for c in candidates):
+        if all(c.is_alias for c in candidates) and not all(c.ref.explicit for c in candidates):
+            names = " ".join(shlex.quote(c.ref.display) for c in candidates)
+            raise SelectionError(
+                "only copies that libraries write beside a run's checkpoints were found"
+                f" ({', '.join(c.ref.display for c in candidates)}), no epochs to select from;"
+                f" to average these very files, name them: ckpt-avg {names} -o OUTPUT"
+            )
         return "order", []
     raise SelectionError(
         "cannot order the checkpoints: "

@@ -15,6 +15,7 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
+from .modules import replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
 from .unpickle import PicklePolicy, Placeholder
@@ -76,9 +77,9 @@ def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedChe
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
     if zipped:
         loaded = load_zip(path, policy)
-        return OpenedCheckpoint(ref, loaded.obj, placeholders=loaded.placeholders)
+        return OpenedCheckpoint(ref, replace_modules(loaded.obj), placeholders=loaded.placeholders)
     loaded = load_legacy(path, policy)
-    return OpenedCheckpoint(ref, loaded.obj, legacy=True, placeholders=loaded.placeholders)
+    return OpenedCheckpoint(ref, replace_modules(loaded.obj), legacy=True, placeholders=loaded.placeholders)
 
 
 def _open_directory(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
@@ -132,6 +133,8 @@ def _stored_indices(tree: dict[Any, Any]) -> tuple[int | None, int | None]:
     """Epoch and step where libraries store them: top level (Lightning, timm, torchvision,
     YOLO), mmengine's `meta`, icefall's `cur_epoch` and `batch_idx_train`."""
     epoch = _as_int(tree.get("epoch"))
+    if epoch is not None and epoch < 0:
+        epoch = None  # YOLO's finished last.pt/best.pt say epoch -1: a copy, not an epoch
     step = _as_int(tree.get("global_step", tree.get("step")))
     meta = tree.get("meta")
     if isinstance(meta, dict):

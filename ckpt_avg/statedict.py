@@ -15,6 +15,7 @@ from typing import Any
 from .errors import CheckpointError, UsageError
 from .lazy import is_tensor_leaf
 from .torchfile import UnsupportedTensor
+from .unpickle import Placeholder
 
 PRIMARY_NAMES = (
     "state_dict",
@@ -78,12 +79,24 @@ class StateDictChoice:
 
 
 def is_state_dict(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and len(node) > 0
-        and all(isinstance(k, str) for k in node)
-        and all(is_tensor_leaf(v) or isinstance(v, UnsupportedTensor) for v in node.values())
-    )
+    """A mapping of names to tensors; `_extra_state` and packed-params entries may be anything."""
+    if not isinstance(node, Mapping) or not node or not all(isinstance(k, str) for k in node):
+        return False
+    tensors = 0
+    for key, value in node.items():
+        if is_extra_entry(key):
+            continue
+        if not (is_tensor_leaf(value) or isinstance(value, UnsupportedTensor)):
+            return False
+        tensors += 1
+    return tensors > 0
+
+
+def is_extra_entry(key: str) -> bool:
+    """State-dict entries that are not weights: `get_extra_state()` (TransformerEngine's FP8
+    metadata) and dynamic quantization's packed parameters. Copied from the last checkpoint."""
+    parts = key.split(".")
+    return parts[-1] == "_extra_state" or "_packed_params" in parts
 
 
 def dotted(path: Path) -> str:
@@ -106,10 +119,8 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
     if is_state_dict(tree):
         return StateDictChoice((), ())
     if not isinstance(tree, Mapping):
-        raise CheckpointError(
-            f"{where}: holds a {type(tree).__name__}, not a dict of tensors (a whole pickled model?);"
-            " save its state_dict() instead"
-        )
+        what = tree.global_name if isinstance(tree, Placeholder) else type(tree).__name__
+        raise CheckpointError(f"{where}: holds a {what}, not a dict of tensors or a model; save a state_dict() instead")
     found = _top_level_state_dicts(tree)
     if not found:
         raise CheckpointError(f"{where}: no state dict found; top-level keys: {_listing(tree)}; pick one with --key")

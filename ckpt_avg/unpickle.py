@@ -17,16 +17,16 @@ import collections
 import contextlib
 import importlib
 import math
-import os
 import pickle
 import struct
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
 from .errors import UnsafePickleError
+from .userpath import importable_from_cwd
 
 # Inert classes and functions loaded as themselves: constructing them runs no user code.
 _ALLOWED: tuple[str, ...] = (
@@ -170,20 +170,6 @@ class Unpickled:
     placeholders: set[str] = field(default_factory=set)
 
 
-@contextlib.contextmanager
-def importable_from_cwd() -> Iterator[None]:
-    """Let MODULE.NAME options find the user's own modules, as `python -m` would."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def _import_global(module: str, name: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -284,7 +270,8 @@ class GlobalResolver:
         if full in self.overrides:
             return self.overrides[full]
         if self.policy.trust:
-            return _import_global(module, name)
+            with importable_from_cwd():  # as --allow-global and --bn-model find the user's classes
+                return _import_global(module, name)
         if self.placeholders_only:
             return self._placeholder(full)
         if full == "builtins.getattr":

@@ -23,6 +23,7 @@ from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
@@ -392,12 +393,18 @@ class _TreeBuilder:
         last = self.layout.opened[-1].tree
         return self._node(last, ())
 
-    def _averaged(self, path: tuple[str, ...]) -> OrderedDict[str, OutTensor]:
+    def _averaged(self, path: tuple[str, ...]) -> OrderedDict[str, Any]:
         original = get_path(self.layout.opened[-1].tree, path)
         order = list(strip_prefixes(original, self.layout.strip_prefix, ""))
         units = self.layout.names[path]
-        result: OrderedDict[str, OutTensor] = OrderedDict()
+        extras = self.layout.extras.get(path, {})
+        result: OrderedDict[str, Any] = OrderedDict()
         for name in order:
+            if name in extras:  # extra state: the last checkpoint's, as it is
+                copied = self._node(extras[name], (*path, name))
+                if copied is not _DROP:
+                    result[name] = copied
+                continue
             unit = units[name]
             if id(unit) not in self._tensors:
                 self._tensors[id(unit)] = OutTensor(self.storages[id(unit)], unit.shape)
@@ -406,7 +413,10 @@ class _TreeBuilder:
 
     def _node(self, node: Any, path: tuple[str, ...]) -> Any:
         if path in self.layout.names:
-            return self._averaged(path)
+            averaged = self._averaged(path)
+            if isinstance(node, PickledModule) and not isinstance(node.module, Placeholder):
+                return rebuild_module(node.module, averaged, self._node_of_leaf)  # --trust-pickle keeps the module
+            return averaged
         if path in self.layout.choice.others:
             self.dropped.append(f"{_dotted(path)} (state dict not in every selected checkpoint)")
             return _DROP
@@ -452,6 +462,10 @@ class _TreeBuilder:
             return result
         except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
             return dict(items)
+
+    def _node_of_leaf(self, leaf: Any) -> Any:
+        copied = self._node(leaf, ("(module buffer)",))
+        return None if copied is _DROP else copied
 
     def _extra(self, leaf: TensorLeaf) -> OutTensor:
         tie = leaf_tie_key(leaf)

@@ -278,3 +278,49 @@ def test_a_copy_with_an_unknown_name_is_found_by_its_data(tmp_path: Path) -> Non
     result = run_cli("--last", "3", tmp_path, "-o", out, "--json")
     assert "alias of the checkpoint with epoch 3" in result.stdout
     assert_average_of(torch.load(out, weights_only=True)["model"], inputs[1:])
+
+
+# --- timm (timm/utils/checkpoint_saver.py: CheckpointSaver) ----------------------------------
+
+
+def timm_run(directory: Path, epochs: int = 6, max_history: int = 4) -> dict[int, dict[str, torch.Tensor]]:
+    """As timm's CheckpointSaver: each epoch is saved to `last.pth.tar`, then duplicated (a hard
+    link) as `checkpoint-{epoch}.pth.tar`; only the `max_history` best by metric are kept;
+    `model_best.pth.tar` duplicates the best; `recovery-{epoch}-{batch}.pth.tar` is mid-epoch."""
+    directory.mkdir()
+    args = argparse.Namespace(model="tiny", epochs=epochs)
+    metrics = {0: 50.0, 1: 60.0, 2: 58.0, 3: 70.0, 4: 65.0, 5: 69.0}
+    weights, kept = {}, []
+    for epoch in range(epochs):
+        model = tiny_model(epoch)
+        weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {"epoch": epoch, "arch": "tiny", "state_dict": model.state_dict(), "optimizer": {}, "version": 2,
+                 "args": args, "metric": metrics[epoch]}  # fmt: skip
+        torch.save(state, directory / "recovery-tmp.pth.tar")
+        os.replace(directory / "recovery-tmp.pth.tar", directory / f"recovery-{epoch}-100.pth.tar")
+        torch.save(state, directory / "tmp.pth.tar")
+        os.replace(directory / "tmp.pth.tar", directory / "last.pth.tar")
+        kept.append(epoch)
+        os.link(directory / "last.pth.tar", directory / f"checkpoint-{epoch}.pth.tar")
+        kept.sort(key=metrics.__getitem__, reverse=True)
+        for dropped in kept[max_history:]:
+            (directory / f"checkpoint-{dropped}.pth.tar").unlink()
+        kept = kept[:max_history]
+        if metrics[epoch] == max(metrics[e] for e in range(epoch + 1)):
+            (directory / "model_best.pth.tar").unlink(missing_ok=True)
+            os.link(directory / "last.pth.tar", directory / "model_best.pth.tar")
+        for old in directory.glob("recovery-*.pth.tar"):
+            if old.name != f"recovery-{epoch}-100.pth.tar":
+                old.unlink()
+    return {e: weights[e] for e in kept}
+
+
+def test_timm(tmp_path: Path) -> None:
+    kept = timm_run(tmp_path / "output")  # epochs 3, 5, 4, 1 by metric
+    out = tmp_path / "avg.pth.tar"
+    result = run_cli("--last", "3", tmp_path / "output", "-o", out, "--json")
+    assert "same file as" in result.stdout  # last.pth.tar and model_best.pth.tar are hard links
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    assert_average_of(checkpoint["state_dict"], [kept[e] for e in (3, 4, 5)])
+    loads_strictly(checkpoint["state_dict"])

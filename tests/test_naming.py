@@ -128,6 +128,10 @@ def test_a_last_copy_keeps_the_epoch_it_names() -> None:
     info = parse_name("megatron_gpt--val_loss=0.5000-epoch=3-last.ckpt")
     assert (info.is_alias, info.epoch) == (True, 3)
     assert parse_name("epoch=3-last.ckpt").is_alias
+    # mmengine's CheckpointHook(save_best=...) saves the best epoch again under this name.
+    info = parse_name("best_accuracy_top1_epoch_12.pth")
+    assert (info.is_alias, info.epoch) == (True, 12)
+    assert parse_name("best_coco_bbox_mAP_iter_4000.pth").step == 4000
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .digest import FORMAT_VERSION, SCHEME, TensorDigests, digest_leaves
-from .discover import discover
+from .discover import discover, hf_weight_files
 from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import PROVENANCE_RECORD, OutputKind, output_kind
 from .layout import strip_prefixes
@@ -190,10 +190,18 @@ def _input_paths(given: Sequence[str], provenance: dict[str, Any], result: Verif
     """A path for each recorded input (None where it is neither given nor found).
 
     A given INPUT stands for the recorded input with the same path; otherwise, where as many
-    are given as were recorded, for the one in the same position (another checkout).
+    are given as were recorded, for the one in the same position (another checkout). A
+    directory of checkpoints stands for those in it with a recorded path or, failing that,
+    the only recorded name (the others in it are not inputs of this output).
     """
     recorded = [str(r.get("path")) for r in provenance.get("inputs", [])]
     paths: list[str | None] = [p if os.path.exists(p) else None for p in recorded]
+    given, in_directories = _split_directories(given)
+    for path in in_directories:
+        same = [k for k, r in enumerate(recorded) if _same_path(path, r)]
+        named = [k for k, r in enumerate(recorded) if os.path.basename(r.rstrip("/")) == os.path.basename(path)]
+        if same or len(named) == 1:
+            paths[(same or named)[0]] = path
     unmatched = []
     for path in given:
         same = [k for k, r in enumerate(recorded) if _same_path(path, r)]
@@ -212,6 +220,18 @@ def _input_paths(given: Sequence[str], provenance: dict[str, Any], result: Verif
         if found is None:
             result.unchecked.append(f"{recorded[position]}: recorded input not found (give its path as INPUT)")
     return paths
+
+
+def _split_directories(given: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Given INPUTs named one by one, and the checkpoints found in given directories."""
+    named: list[str] = []
+    found: list[str] = []
+    for path in given:
+        if os.path.isdir(path) and hf_weight_files(path) is None:
+            found.extend(ref.display for ref in discover([path]).refs)
+        else:
+            named.append(path)
+    return named, found
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -107,6 +107,9 @@ def test_inputs_given_from_another_checkout_match_by_position(tmp_path: Path, ru
     shutil.copytree(run[0].parent, moved)
     copies = [moved / p.name for p in run]
     run_verify("--recompute", tmp_path / "avg.pt", *copies, expect=0)
+    torch.save({"state_dict": {"other": torch.ones(2)}}, moved / "epoch=9.ckpt")  # not an input of avg.pt
+    result = run_verify("--recompute", tmp_path / "avg.pt", moved, expect=0)  # a directory of them
+    assert all(f"{moved / p.name}: tensor digest" in result.stderr for p in run)
     result = run_verify(tmp_path / "avg.pt", copies[1], copies[0], copies[2], expect=1)
     assert [line.split(":")[0] for line in mismatch_lines(result)] == [str(copies[1]), str(copies[0])]
 

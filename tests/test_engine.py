@@ -17,6 +17,7 @@ from conftest import oracle_mean
 from safetensors.torch import load_file, save_file
 
 from ckpt_avg import average, average_checkpoints
+from ckpt_avg.digest import digest_state_dict
 
 
 def _inputs(directory: Path, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
@@ -59,7 +60,8 @@ def test_many_chunks_and_blocks_stay_exact(
         expected = oracle_mean([s[key] for s in states], weights=[1.0, 2.0, 3.0, 4.0])
         assert torch.equal(result[key], expected), key
     assert torch.equal(result["step"], states[-1]["step"])
-    assert report.output_digest is not None
+    assert report.output_digest == digest_state_dict(result).root()  # hashed chunk by chunk, as a whole here
+    assert [c.tensor_digest for c in report.selected] == [digest_state_dict(s).root() for s in states]
 
 
 def test_budgets_do_not_change_the_bytes_or_digests(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from .sources import OpenedCheckpoint, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
-from .writers import write_output
+from .writers import subset_visits, write_output
 
 DTYPES = {
     "float32": torch.float32,
@@ -111,8 +111,8 @@ def average_checkpoints(
     overrides = _batchnorm(run, layout, options)
     advance = progress or (lambda _: None)
 
-    def runner(sink: Any, primary_only: bool) -> Digests:
-        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+    def runner(sink: Any, names: Collection[str] | None) -> Digests:
+        visits = layout.visits if names is None else subset_visits(layout.visits, names)
         return run_engine(layout, options, sink, advance, visits, overrides)
 
     written = write_output(output, layout, run.provenance(), options, runner)

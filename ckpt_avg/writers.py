@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import pickle
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .average import Digests
+from .average import Digests, Visit
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
@@ -80,8 +81,20 @@ class Written:
     dropped: list[str] = field(default_factory=list)
 
 
-# Runs the kernel into a sink: (sink, primary state dict only?) -> digests.
-Runner = Callable[[Any, bool], Digests]
+# Runs the kernel into a sink: (sink, the primary state dict's names to write, or None for
+# every visit of a structure-keeping output) -> digests.
+Runner = Callable[[Any, Collection[str] | None], Digests]
+
+
+def subset_visits(visits: Iterable[Visit], names: Collection[str]) -> list[Visit]:
+    """The primary state dict's visits of `names`; each tied unit computed at its first name here."""
+    chosen: list[Visit] = []
+    computed: set[int] = set()
+    for visit in visits:
+        if visit.digest and visit.name in names:
+            chosen.append(Visit(visit.name, visit.unit, compute=id(visit.unit) not in computed, digest=True))
+            computed.add(id(visit.unit))
+    return chosen
 
 
 def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -138,7 +151,7 @@ def _write_safetensors(
     with _temp_file(output) as (temp, file):
         try:
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
-            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
+            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), set(entries))
             final = SafetensorsWriter.header_bytes(
                 entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
             )
@@ -153,68 +166,158 @@ def _write_safetensors(
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    entries = _entries(layout)
-    limit = parse_size(options.max_shard_size) if options.max_shard_size else None
-    shards = plan_shards(entries, limit)
-    file_names = shard_file_names(len(shards))
+    """One process: plan, write every file into a temp directory, finalize."""
+    plan = plan_directory(output, layout, provenance, options)
     temp = temp_path_for(output)
-    files: list[OutputFile] = []
+    make_staging(temp, output)
     try:
-        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
-            os.mkdir(temp)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
-    except BaseException:
-        discard(temp)
-        raise
-    try:
-        digests = _fill_directory(temp, layout, entries, shards, file_names, provenance, run, files)
-        commit(temp, output, force=options.force)
+        digests = write_files(plan, temp, range(len(plan.files)), run)
+        return finalize_directory(plan, temp, digests, force=options.force)
     except BaseException as exc:
-        for file in files:
-            with contextlib.suppress(OSError):
-                file.close()
         discard(temp)
         if isinstance(exc, OSError):
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
         raise
-    written = [os.path.join(output, n) for n in file_names]
-    if len(shards) > 1:
-        written.append(os.path.join(output, "model.safetensors.index.json"))
-    return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
 
 
-def _fill_directory(
-    temp: str,
-    layout: Layout,
-    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-    shards: list[list[str]],
-    file_names: list[str],
-    provenance: dict[str, Any],
-    run: Runner,
-    files: list[OutputFile],
-) -> Digests:
-    """Write every shard (and the index) into the temp directory; `files` collects open handles."""
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a directory output: its name, the tensors it holds and its size in bytes."""
+
+    name: str
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class DirectoryPlan:
+    """Everything about a directory output that is known before any tensor is read.
+
+    A pure function of the inputs' metadata and the options, so every rank of a distributed
+    run computes the same plan and any of them can write any file of it.
+    """
+
+    output: str
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    files: tuple[ShardFile, ...]
+    provenance: dict[str, Any]  # without digests
+    side_files: tuple[str, ...]  # paths of files copied beside the shards
+    input_sizes: tuple[int, ...]
+
+    @property
+    def single(self) -> bool:
+        return len(self.files) == 1
+
+    def metadata(self, digests: Digests | None) -> dict[str, str]:
+        """A shard's safetensors metadata; a lone shard carries the provenance."""
+        if not self.single:
+            return {"format": "pt"}
+        return {"format": "pt", "ckpt_avg": _provenance_text(self.provenance, digests)}
+
+    def header(self, index: int, digests: Digests | None = None) -> bytes:
+        return SafetensorsWriter.header_bytes(self._entries_of(index), self.metadata(digests))
+
+    def _entries_of(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {n: self.entries[n] for n in self.files[index].tensors}
+
+    def fingerprint(self) -> str:
+        """A hash of the whole plan: ranks that disagree on it must not write one output."""
+        described = {
+            "output": self.output,
+            "files": [[f.name, list(f.tensors), f.nbytes] for f in self.files],
+            "entries": {n: [str(d), list(s)] for n, (d, s) in sorted(self.entries.items())},
+            "headers": [hashlib.sha256(self.header(i)).hexdigest() for i in range(len(self.files))],
+            "provenance": self.provenance,
+            "side_files": list(self.side_files),
+            "input_sizes": list(self.input_sizes),
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def plan_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DirectoryPlan:
+    """File names, the tensors of each shard and its size, from metadata alone."""
+    entries = _entries(layout)
+    limit = parse_size(options.max_shard_size) if options.max_shard_size else None
+    shards = plan_shards(entries, limit)
+    names = shard_file_names(len(shards))
+    plan = DirectoryPlan(
+        output,
+        entries,
+        tuple(ShardFile(name, tuple(tensors), 0) for name, tensors in zip(names, shards, strict=True)),
+        json.loads(json.dumps(provenance)),
+        _side_files(layout),
+        tuple(o.ref.size for o in layout.opened),
+    )
+    sized = tuple(
+        ShardFile(f.name, f.tensors, len(plan.header(i)) + _data_bytes(entries, f.tensors))
+        for i, f in enumerate(plan.files)
+    )
+    return DirectoryPlan(output, entries, sized, plan.provenance, plan.side_files, plan.input_sizes)
+
+
+def _data_bytes(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], names: Iterable[str]) -> int:
+    return sum(math.prod(entries[n][1]) * itemsize(entries[n][0]) for n in names)
+
+
+def make_staging(path: str, output: str) -> None:
+    """Create the directory the files are written into before they are published."""
+    try:
+        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
+            os.mkdir(path)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
+    except BaseException:
+        discard(path)
+        raise
+
+
+def write_files(plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner) -> Digests:
+    """Stream the tensors of the files at `indices` into `staging`, each file fsynced and closed.
+
+    A lone shard's header is rewritten with the digests by `finalize_directory`.
+    """
+    indices = list(indices)
+    files: list[OutputFile] = []
     writers: dict[str, SafetensorsWriter] = {}
-    single = len(shards) == 1
-    for names, file_name in zip(shards, file_names, strict=True):
-        file = open_temp(os.path.join(temp, file_name))
-        files.append(file)
-        metadata = {"format": "pt"}
-        if single:
-            metadata["ckpt_avg"] = _provenance_text(provenance, None)
-        writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
-        writers.update(dict.fromkeys(names, writer))
-    digests = run(SafetensorsSink(writers), True)
-    if single:
-        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
-        files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
-    else:
-        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
-    for file in files:
-        finish_file(file)
-    _copy_side_files(layout, temp)
+    try:
+        for index in indices:
+            shard = plan.files[index]
+            file = open_temp(os.path.join(staging, shard.name))
+            files.append(file)
+            writer = SafetensorsWriter(file, plan._entries_of(index), plan.metadata(None))
+            writers.update(dict.fromkeys(shard.tensors, writer))
+        digests = run(SafetensorsSink(writers), set(writers))
+        for file in files:
+            finish_file(file)
+    except BaseException:
+        for file in files:
+            with contextlib.suppress(OSError):
+                file.close()
+        raise
     return digests
+
+
+def finalize_directory(plan: DirectoryPlan, staging: str, digests: Digests, *, force: bool) -> Written:
+    """Index or header with the provenance, side files, fsync, and publish by rename."""
+    if plan.single:
+        fd = os.open(os.path.join(staging, plan.files[0].name), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            final = plan.header(0, digests)
+            os.pwrite(fd, final, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        shards = [list(f.tensors) for f in plan.files]
+        names = [f.name for f in plan.files]
+        _write_index(staging, plan.entries, shards, names, _with_digests(plan.provenance, digests))
+    for source in plan.side_files:
+        shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
+    commit(staging, plan.output, force=force)
+    written = [os.path.join(plan.output, f.name) for f in plan.files]
+    if not plan.single:
+        written.append(os.path.join(plan.output, "model.safetensors.index.json"))
+    return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
 
 
 def _write_index(
@@ -233,14 +336,17 @@ def _write_index(
         os.fsync(file.fileno())
 
 
-def _copy_side_files(layout: Layout, directory: str) -> None:
+def _side_files(layout: Layout) -> tuple[str, ...]:
+    """The Trainer directory's files that `from_pretrained` needs, from the last checkpoint."""
     last = layout.opened[-1].ref
     if not last.is_directory:
-        return
+        return ()
     source = os.path.dirname(last.files[0])
-    for name in sorted(os.listdir(source)):
-        if name in HF_SIDE_FILES and os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+    return tuple(
+        os.path.join(source, name)
+        for name in sorted(os.listdir(source))
+        if name in HF_SIDE_FILES and os.path.isfile(os.path.join(source, name))
+    )
 
 
 # ---------------------------------------------------------------- .pt
@@ -261,7 +367,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     with _temp_file(output) as (temp, file):
         writer = PtWriter(file, archive)
         try:
-            digests = run(PtSink(writer, storages), False)
+            digests = run(PtSink(writer, storages), None)
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)

@@ -31,7 +31,7 @@ from .sources import OpenedCheckpoint, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
-from .writers import subset_visits, write_output
+from .writers import Written, subset_visits, write_output
 
 DTYPES = {
     "float32": torch.float32,
@@ -91,14 +91,24 @@ def average_checkpoints(
     *,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    process_group: Any = None,
     **choices: Any,
 ) -> Report:
     """Average the selected checkpoints into OUTPUT and return the report.
 
     Keyword choices are a shortcut for the fields of `Options` and `SelectOptions`:
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
+
+    `process_group` (a `torch.distributed` group of several ranks, each calling this with the
+    same arguments) splits the writing of a directory OUTPUT over its ranks; the output is
+    the same bytes a single process writes.
     """
     options = _merge(options or Options(), choices)
+    if process_group is not None:
+        from .distributed import average_on_ranks, ranks_of
+
+        if ranks_of(process_group).world > 1:
+            return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
     _validate(options, output)
     started = time.monotonic()
     run = _Run(inputs, options)
@@ -116,9 +126,13 @@ def average_checkpoints(
         return run_engine(layout, options, sink, advance, visits, overrides)
 
     written = write_output(output, layout, run.provenance(), options, runner)
+    return _report(run, layout, written, output, options.hash_files, started)
+
+
+def _report(run: _Run, layout: Layout, written: Written, output: str, hash_files: bool, started: float) -> Report:
     report = run.report(dry_run=False)
     report.output = output
-    report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
+    report.files = [FileRecord(p, _sha256(p) if hash_files else None) for p in written.files]
     report.output_digest = written.output_digest
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
@@ -128,6 +142,11 @@ def average_checkpoints(
     report.dropped = written.dropped
     report.seconds = time.monotonic() - started
     return report
+
+
+def _batchnorm_refused(options: Options, where: str) -> None:
+    if options.bn_model is not None:
+        raise UsageError(f"--bn-model is not supported {where}: run the BatchNorm recompute in one process")
 
 
 def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.Tensor]:

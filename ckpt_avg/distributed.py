@@ -372,8 +372,9 @@ def _stage_and_publish(
     try:
         names = {n for i in mine for n in prepared.plan.files[i].tensors}
         runner = _runner(prepared.layout, options, progress, on_total, names)
-        parts = digest_parts(write_files(prepared.plan, staging, mine, runner))
+        digests = write_files(prepared.plan, staging, mine, runner)
         _fault(ranks.rank)
+        parts = digest_parts(digests)
     except Exception as exc:  # noqa: BLE001 - reported through the vote
         failure = exc
     voted = _agree(ranks, failure, parts, "vote")

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
+from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import UsageError
 from .guard import check_output, is_ckpt_avg_output, validate_output_name
@@ -134,6 +135,7 @@ def _report(run: _Run, layout: Layout, written: Written, output: str, hash_files
     report.output = output
     report.files = [FileRecord(p, _sha256(p) if hash_files else None) for p in written.files]
     report.output_digest = written.output_digest
+    report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
     report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
@@ -356,6 +358,7 @@ class _Run:
         weights = self._weights()
         return {
             "tool": "ckpt-avg",
+            "format_version": FORMAT_VERSION,
             "version": __version__,
             "by": self.plan.by,
             "inputs": [

@@ -15,6 +15,7 @@ whatever `--device` the arithmetic uses.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -28,6 +29,8 @@ from typing import Any
 
 from . import average
 from .api import Options, _batchnorm_refused, _report, _Run, _validate, run_engine
+from .average import Digests
+from .digest import Record
 from .errors import CkptAvgError, OutputError, UsageError
 from .guard import check_output, is_directory_output
 from .layout import Layout
@@ -35,6 +38,7 @@ from .lazy import itemsize, leaf_numel
 from .report import Report
 from .write import (
     HEARTBEAT_SECONDS,
+    OWNER_FILE,
     discard,
     heartbeat,
     read_owner,
@@ -112,7 +116,16 @@ def from_environment() -> Any:
             dist.init_process_group("gloo", timeout=timedelta(seconds=collective_timeout()))
         except (RuntimeError, ValueError) as exc:
             raise CkptAvgError(f"rank {environment_rank()}: cannot join the other ranks: {exc}") from None
+        # Left to interpreter shutdown, gloo's threads abort the process ("terminate called").
+        atexit.register(_destroy)
     return dist.group.WORLD
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def ranks_of(process_group: Any) -> Ranks:
@@ -383,6 +396,7 @@ def _stage_and_publish(
     if ranks.rank == 0:
         try:
             digests = merge_digest_parts(voted, len(prepared.layout.opened))
+            os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
             written = finalize_directory(prepared.plan, staging, digests, force=options.force)
         except Exception as exc:  # noqa: BLE001 - reported through the vote
             failure = exc
@@ -421,12 +435,16 @@ def _runner(
 # ---------------------------------------------------------------- digests from parts
 
 
-def digest_parts(digests: Any) -> Any:
-    """What a rank contributes to the provenance: its tensors' per-tensor digests."""
-    # A running sha256 over the whole model cannot be assembled from parts; the per-tensor
-    # BLAKE3 digests of SPEC 1.7 can.
-    raise CkptAvgError("averaging on several ranks needs per-tensor digests, which this build does not have yet")
+def digest_parts(digests: Digests) -> tuple[list[dict[str, Record]], dict[str, Record]]:
+    """What a rank contributes to the provenance: the digest records of its tensors."""
+    return [dict(d.records) for d in digests.inputs], dict(digests.output.records)
 
 
-def merge_digest_parts(parts: list[Any], inputs: int) -> Any:
-    raise CkptAvgError("averaging on several ranks needs per-tensor digests, which this build does not have yet")
+def merge_digest_parts(parts: Sequence[tuple[list[dict[str, Record]], dict[str, Record]]], inputs: int) -> Digests:
+    """Every rank's records in one set: the tree digests then equal a single process's."""
+    merged = Digests.for_inputs(inputs)
+    for input_records, output_records in parts:
+        for position, records in enumerate(input_records):
+            merged.inputs[position].records.update(records)
+        merged.output.records.update(output_records)
+    return merged

@@ -41,7 +41,8 @@ class Report:
     other_state_dicts: list[str] = field(default_factory=list)
     output: str | None = None
     files: list[FileRecord] = field(default_factory=list)
-    output_digest: str | None = None
+    output_digest: str | None = None  # checkpoint digest of the output's tensors, in `digest_scheme`
+    digest_scheme: str | None = None
     parameters: int = 0
     tensors: int = 0
     seconds: float = 0.0

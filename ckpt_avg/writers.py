@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .average import Digests, Visit
+from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from .api import Options
     from .layout import Layout
 
-ZERO_DIGEST = "0" * 64
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
 HF_SIDE_FILES = (
     "config.json",
@@ -76,9 +76,16 @@ HF_SIDE_FILES = (
 @dataclass
 class Written:
     files: list[str]
-    output_digest: str
-    input_digests: list[str]
+    digests: Digests
     dropped: list[str] = field(default_factory=list)
+
+    @property
+    def output_digest(self) -> str:
+        return self.digests.output.root()
+
+    @property
+    def input_digests(self) -> list[str]:
+        return [d.root() for d in self.digests.inputs]
 
 
 # Runs the kernel into a sink: (sink, the primary state dict's names to write, or None for
@@ -106,16 +113,28 @@ def write_output(output: str, layout: Layout, provenance: dict[str, Any], option
     return _write_pt(output, layout, provenance, options, run)
 
 
-def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
+def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
+    """The provenance with the digests in; placeholders of the same length where `digests` is None.
+
+    Each input records its checkpoint digest; `digest.tensors` has the output's digest per key,
+    so a tensor that changed is found by name and parts of the output can be checked alone.
+    """
     result: dict[str, Any] = json.loads(json.dumps(provenance))
     for position, record in enumerate(result["inputs"]):
-        record["tensor_digest"] = digests.inputs[position].hexdigest() if digests else ZERO_DIGEST
-    result["output_tensor_digest"] = digests.output.hexdigest() if digests else ZERO_DIGEST
+        record["tensor_digest"] = digests.inputs[position].root() if digests else ZERO_DIGEST
+    tensors = digests.output.hex_by_key() if digests else dict.fromkeys(sorted(names), ZERO_DIGEST)
+    if digests is not None and sorted(tensors) != sorted(names):
+        raise AssertionError("the output digests do not cover every tensor written")
+    result["digest"] = {
+        "scheme": SCHEME,
+        "output": digests.output.root() if digests else ZERO_DIGEST,
+        "tensors": tensors,
+    }
     return result
 
 
-def _provenance_text(provenance: dict[str, Any], digests: Digests | None) -> str:
-    return json.dumps(_with_digests(provenance, digests), sort_keys=True, separators=(",", ":"))
+def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> str:
+    return json.dumps(_with_digests(provenance, digests, names), sort_keys=True, separators=(",", ":"))
 
 
 @contextlib.contextmanager
@@ -150,10 +169,12 @@ def _write_safetensors(
     entries = _entries(layout)
     with _temp_file(output) as (temp, file):
         try:
-            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
+            names = layout.primary_names
+            placeholder = _provenance_text(provenance, None, names)
+            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
             digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), set(entries))
             final = SafetensorsWriter.header_bytes(
-                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
@@ -162,7 +183,7 @@ def _write_safetensors(
             commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written([output], digests)
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -212,7 +233,7 @@ class DirectoryPlan:
         """A shard's safetensors metadata; a lone shard carries the provenance."""
         if not self.single:
             return {"format": "pt"}
-        return {"format": "pt", "ckpt_avg": _provenance_text(self.provenance, digests)}
+        return {"format": "pt", "ckpt_avg": _provenance_text(self.provenance, digests, sorted(self.entries))}
 
     def header(self, index: int, digests: Digests | None = None) -> bytes:
         return SafetensorsWriter.header_bytes(self._entries_of(index), self.metadata(digests))
@@ -310,14 +331,15 @@ def finalize_directory(plan: DirectoryPlan, staging: str, digests: Digests, *, f
     else:
         shards = [list(f.tensors) for f in plan.files]
         names = [f.name for f in plan.files]
-        _write_index(staging, plan.entries, shards, names, _with_digests(plan.provenance, digests))
+        provenance = _with_digests(plan.provenance, digests, sorted(plan.entries))
+        _write_index(staging, plan.entries, shards, names, provenance)
     for source in plan.side_files:
         shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]
     if not plan.single:
         written.append(os.path.join(plan.output, "model.safetensors.index.json"))
-    return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written(written, digests)
 
 
 def _write_index(
@@ -371,10 +393,11 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)
+            names = layout.primary_names
             if nested:
-                tree["ckpt_avg"] = _with_digests(provenance, digests)
+                tree["ckpt_avg"] = _with_digests(provenance, digests, names)
             writer.record("data.pkl", pickle_tree(tree))
-            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests).encode())
+            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests, names).encode())
             writer.record(".format_version", b"1")
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")
@@ -389,12 +412,12 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
         except BaseException:
             writer.abandon()
             raise
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
+    return Written([output], digests, dropped)
 
 
 def _serialization_id(digests: Digests) -> bytes:
     # torch.save writes a random id; ours derives from the data so re-runs are byte-identical.
-    return str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
+    return str(int(digests.output.root()[:32], 16)).zfill(40)[:40].encode()
 
 
 class _TreeBuilder:

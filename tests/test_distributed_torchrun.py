@@ -21,6 +21,7 @@ from ckpt_avg import average_checkpoints
 from ckpt_avg.distributed import FAULT_ENV
 
 SHARD = "40000"  # about eight files for the model below
+Outcomes = dict[int, dict[str, dict[str, object]]]
 HERE = Path(__file__).parent
 
 
@@ -68,21 +69,19 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scenarios(workdir: Path) -> dict[int, dict[str, dict[str, object]]]:
+def scenarios(workdir: Path) -> Outcomes:
     """One torchrun launch of 3 processes running tests/torchrun_scenarios.py."""
     done = torchrun(3, str(HERE / "torchrun_scenarios.py"), str(workdir))
     assert done.returncode != 0, "the last scenario kills rank 0"
     return {rank: json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(3)}
 
 
-def test_two_ranks_write_the_same_bytes_as_one(workdir: Path, scenarios: dict[int, dict[str, dict[str, object]]]) -> None:
+def test_two_ranks_write_the_same_bytes_as_one(workdir: Path, scenarios: Outcomes) -> None:
     assert scenarios[0]["two_ranks"]["ok"] and scenarios[1]["two_ranks"]["ok"]
     same_tree(workdir / "one", workdir / "two")
 
 
-def test_a_rank_that_raises_fails_every_rank_and_publishes_nothing(
-    workdir: Path, scenarios: dict[int, dict[str, dict[str, object]]]
-) -> None:
+def test_a_rank_that_raises_fails_every_rank_and_publishes_nothing(workdir: Path, scenarios: Outcomes) -> None:
     outcomes = [scenarios[rank]["raises"] for rank in range(3)]
     assert [o["ok"] for o in outcomes] == [False, False, False]
     assert [o["exit_code"] for o in outcomes] == [1, 1, 1]
@@ -92,9 +91,7 @@ def test_a_rank_that_raises_fails_every_rank_and_publishes_nothing(
     assert not [n for n in os.listdir(workdir) if n.startswith(".ckpt-avg-tmp-raises")]
 
 
-def test_one_rank_with_other_arguments_stops_every_rank(
-    workdir: Path, scenarios: dict[int, dict[str, dict[str, object]]]
-) -> None:
+def test_one_rank_with_other_arguments_stops_every_rank(workdir: Path, scenarios: Outcomes) -> None:
     outcomes = [scenarios[rank]["disagree"] for rank in range(3)]
     assert [o["ok"] for o in outcomes] == [False, False, False]
     assert outcomes[0]["message"].startswith("rank 2 planned a different output than rank 0")  # type: ignore[union-attr]
@@ -102,9 +99,7 @@ def test_one_rank_with_other_arguments_stops_every_rank(
     assert not (workdir / "disagree").exists()
 
 
-def test_killed_rank_publishes_nothing_and_the_next_run_cleans_up(
-    workdir: Path, scenarios: dict[int, dict[str, dict[str, object]]]
-) -> None:
+def test_killed_rank_publishes_nothing_and_the_next_run_cleans_up(workdir: Path, scenarios: Outcomes) -> None:
     assert "killed" not in scenarios[0]  # rank 0 died before it could say anything
     assert not (workdir / "killed").exists()
     left = staging_dirs(workdir)

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -39,7 +40,7 @@ def _attempt(name: str, workdir: str, call: Any) -> None:
             "reported_elsewhere": bool(getattr(error, "reported_elsewhere", False)),
         }
     path = os.path.join(workdir, f"rank{dist.get_rank()}.json")
-    record = json.load(open(path)) if os.path.exists(path) else {}
+    record = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     record[name] = outcome
     with open(path, "w") as f:
         json.dump(record, f)
@@ -77,6 +78,7 @@ def main(workdir: str) -> None:
         workdir,
         lambda: average_checkpoints(inputs, f"{workdir}/killed/", max_shard_size=SHARD, process_group=dist.group.WORLD),
     )
+    dist.destroy_process_group()  # not reached when the kill works
 
 
 if __name__ == "__main__":

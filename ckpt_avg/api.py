@@ -151,6 +151,26 @@ def _batchnorm_refused(options: Options, where: str) -> None:
         raise UsageError(f"--bn-model is not supported {where}: run the BatchNorm recompute in one process")
 
 
+def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Digests]:
+    """The tensor digests an average of `inputs` would have, computed without writing anything.
+
+    `verify --recompute` compares them with an output's provenance; only the digested
+    (primary) state dict is averaged.
+    """
+    _validate(options)
+    run = _Run(inputs, options)
+    run.open_selected()
+    layout = run.layout("flat.safetensors")
+    overrides = _batchnorm(run, layout, options)
+    digests = run_engine(layout, options, _Discard(), lambda _: None, [v for v in layout.visits if v.digest], overrides)
+    return run.report(dry_run=False), digests
+
+
+class _Discard:
+    def write(self, unit: Any, start: int, data: torch.Tensor) -> None:
+        pass
+
+
 def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.Tensor]:
     """Recomputed BatchNorm statistics to write in place of the averaged ones, if asked for."""
     layers = batchnorm_layers(layout.primary_names)
@@ -361,6 +381,7 @@ class _Run:
             "format_version": FORMAT_VERSION,
             "version": __version__,
             "by": self.plan.by,
+            "state_dict": list(self.choice.primary) if self.choice else [],  # where the digested tensors are
             "inputs": [
                 {"path": c.ref.display, "epoch": c.epoch, "step": c.step, "weight": w}
                 for c, w in zip(self.plan.selected, weights, strict=True)
@@ -381,6 +402,10 @@ class _Run:
                 "accum_dtype": self.options.accum_dtype,
                 "int_policy": self.options.int_policy,
                 "allow_nonfinite": self.options.allow_nonfinite,
+                "bn_model": self.options.bn_model,
+                "bn_data": self.options.bn_data,
+                "bn_batch_size": self.options.bn_batch_size,
+                "bn_batches": self.options.bn_batches,
             },
         }
 

@@ -29,6 +29,7 @@ Examples:
 
   ckpt-avg inspect ckpts/ shows the run (weight drift, metrics) and suggests --start;
   see ckpt-avg inspect --help.
+  ckpt-avg verify avg.pt checks an output against its provenance; see ckpt-avg verify --help.
 """
 
 
@@ -321,10 +322,14 @@ def _errors(*, debug: bool) -> Iterator[None]:
 
 
 def entry() -> None:
-    """Console entry point: `ckpt-avg inspect ...` is its own command; anything else averages."""
+    """Console entry point: `ckpt-avg inspect ...` and `verify ...` are their own commands; anything else averages."""
     if sys.argv[1:2] == ["inspect"]:
         from .inspect_cli import inspect_command
 
         inspect_command(args=sys.argv[2:], prog_name="ckpt-avg inspect")
+    elif sys.argv[1:2] == ["verify"]:
+        from .verify_cli import verify_command
+
+        verify_command(args=sys.argv[2:], prog_name="ckpt-avg verify")
     else:
         main()

@@ -25,6 +25,17 @@ from typing import Any
 import torch
 from blake3 import blake3
 
+from .lazy import (
+    SpilledTensor,
+    TensorLeaf,
+    close_spilled,
+    fill_leaf_range,
+    itemsize,
+    leaf_numel,
+    leaf_shape,
+    leaf_tie_key,
+)
+
 SCHEME = "blake3-tree-v1"
 FORMAT_VERSION = 2  # of the provenance record; 1 (no field) used one running sha256 per checkpoint
 ZERO_DIGEST = "0" * 64  # a placeholder of the final length, while the data is still being written
@@ -107,3 +118,31 @@ def digest_state_dict(tensors: Mapping[str, torch.Tensor]) -> TensorDigests:
     for key, tensor in tensors.items():
         result.add(key, tensor.dtype, tensor.shape, tensor_digest(tensor))
     return result
+
+
+def digest_leaves(leaves: Mapping[str, TensorLeaf], chunk_bytes: int = 16 << 20) -> TensorDigests:
+    """Records of a state dict read from a file, streamed through one buffer; tied names read once."""
+    result = TensorDigests()
+    by_tie: dict[tuple[object, ...], str] = {}
+    buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
+    for key in sorted(leaves):
+        leaf = leaves[key]
+        tie = leaf_tie_key(leaf)
+        if tie not in by_tie:
+            by_tie[tie] = _leaf_digest(leaf, buffer)
+        result.add(key, leaf.dtype, leaf_shape(leaf), by_tie[tie])
+    return result
+
+
+def _leaf_digest(leaf: TensorLeaf, buffer: torch.Tensor) -> str:
+    hasher = tensor_hasher()
+    per_chunk = max(1, buffer.numel() // itemsize(leaf.dtype))
+    total = leaf_numel(leaf)
+    spilled: dict[int, SpilledTensor] = {}
+    try:
+        for start in range(0, total, per_chunk):
+            view = fill_leaf_range(leaf, start, min(per_chunk, total - start), buffer, spilled)
+            hasher.update(view.view(torch.uint8).numpy().data)
+    finally:
+        close_spilled(spilled)
+    return hasher.hexdigest()

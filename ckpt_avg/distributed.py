@@ -212,13 +212,24 @@ def _gather(ranks: Ranks, value: Any, step: str) -> list[Any]:
 
     gathered: list[Any] = [None] * ranks.world
     try:
+        if step == "vote":  # the long wait: on a timeout, rank 0 learns which ranks never came
+            timeout = timedelta(seconds=collective_timeout())
+            dist.monitored_barrier(group=ranks.group, timeout=timeout, wait_all_ranks=True)
         dist.all_gather_object(gathered, value, group=ranks.group)
     except (RuntimeError, ValueError) as exc:
         raise CkptAvgError(
             f"rank {ranks.rank}: lost contact with the other ranks at the {step} (a rank failed, was killed"
-            f" or timed out); nothing was published: {str(exc).splitlines()[0] if str(exc) else exc}"
+            f" or timed out); nothing was published: {_short(exc)}"
         ) from None
     return gathered
+
+
+def _short(error: BaseException) -> str:
+    """gloo's message without its source location and boilerplate."""
+    text = (str(error).splitlines() or [type(error).__name__])[0]
+    if text.startswith("[/") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(" This is typically", 1)[0]
 
 
 def _agree(ranks: Ranks, failure: BaseException | None, payload: Any, step: str) -> list[Any]:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from . import average
 from .api import Options, _batchnorm_refused, _report, _Run, _validate, run_engine
 from .average import Digests
@@ -333,8 +335,8 @@ def average_on_ranks(
     started = time.monotonic()
     ranks = ranks_of(process_group)
     _configure_threads(threads_per_rank(ranks.local_world))
-    if options.device == "cuda":  # each rank on its own device of the node
-        options = replace(options, device=f"cuda:{_env_int('LOCAL_RANK', 0)}")
+    if options.device == "cuda" and torch.cuda.is_available():  # each rank on a device of its node
+        options = replace(options, device=f"cuda:{_env_int('LOCAL_RANK', 0) % torch.cuda.device_count()}")
     prepared: _Prepared | None = None
     failure: BaseException | None = None
     try:

@@ -167,6 +167,15 @@ def temp_path_for(final_path: str) -> str:
     return os.path.join(directory, f"{TEMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by name (a directory's entries, a copied file's data)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_directory(directory: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory or ".", os.O_RDONLY)

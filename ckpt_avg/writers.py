@@ -37,6 +37,7 @@ from .write import (
     copy_leaf,
     discard,
     finish_file,
+    fsync_path,
     open_temp,
     parse_size,
     pickle_tree,
@@ -334,7 +335,10 @@ def finalize_directory(plan: DirectoryPlan, staging: str, digests: Digests, *, f
         provenance = _with_digests(plan.provenance, digests, sorted(plan.entries))
         _write_index(staging, plan.entries, shards, names, provenance)
     for source in plan.side_files:
-        shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
+        target = os.path.join(staging, os.path.basename(source))
+        shutil.copyfile(source, target)
+        fsync_path(target)
+    fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]
     if not plan.single:

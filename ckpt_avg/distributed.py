@@ -190,10 +190,16 @@ def threads_per_rank(local_world: int) -> int:
     return max(1, cores // max(1, local_world))
 
 
-def _configure_threads(cores: int) -> None:
-    # The kernel sizes its thread pools from these; a rank gets its share of the node's cores.
+@contextlib.contextmanager
+def _threads(cores: int) -> Iterator[None]:
+    """The kernel's thread pools sized for this rank's share of the node's cores, for one run."""
+    before = average.READ_THREADS, average.ARITH_THREADS
     average.READ_THREADS = max(2, min(4, cores // 2))
     average.ARITH_THREADS = 1 if cores <= 4 else min(4, cores - average.READ_THREADS - 2)
+    try:
+        yield
+    finally:
+        average.READ_THREADS, average.ARITH_THREADS = before
 
 
 # ---------------------------------------------------------------- collectives
@@ -332,9 +338,20 @@ def average_on_ranks(
     on_total: Callable[[int], None] | None = None,
 ) -> Report:
     """`average_checkpoints` split over the ranks of `process_group`; every rank must call it."""
-    started = time.monotonic()
     ranks = ranks_of(process_group)
-    _configure_threads(threads_per_rank(ranks.local_world))
+    with _threads(threads_per_rank(ranks.local_world)):
+        return _average_on_ranks(inputs, output, options, ranks, progress, on_total)
+
+
+def _average_on_ranks(
+    inputs: Sequence[str],
+    output: str,
+    options: Options,
+    ranks: Ranks,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+) -> Report:
+    started = time.monotonic()
     if options.device == "cuda" and torch.cuda.is_available():  # each rank on a device of its node
         options = replace(options, device=f"cuda:{_env_int('LOCAL_RANK', 0) % torch.cuda.device_count()}")
     prepared: _Prepared | None = None

@@ -10,29 +10,27 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import __version__
-from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
+from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import UsageError
-from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
 from .layout import Layout, build_layout, has_state_dict
-from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, validate_options
 from .sources import OpenedCheckpoint, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
 from .write import remove_stale_temps
-from .writers import Written, subset_visits, write_output
+from .writers import Written, ordered_visits, write_output
 
 DTYPES = {
     "float32": torch.float32,
@@ -69,11 +67,12 @@ class Options:
     allow_global: tuple[str, ...] = ()
     force: bool = False
     max_shard_size: str | None = None
-    hash_files: bool = True
+    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
     bn_model: str | None = None  # MODULE:CALLABLE returning the model
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
     bn_batch_size: int = 32
     bn_batches: int | None = None
+    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -110,30 +109,34 @@ def average_checkpoints(
 
         if ranks_of(process_group).world > 1:
             return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
-    _validate(options, output)
+    kind = _validate(options, output)
+    assert kind is not None
     started = time.monotonic()
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(output)
+    layout = run.layout(kind)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
     overrides = _batchnorm(run, layout, options)
     advance = progress or (lambda _: None)
 
-    def runner(sink: Any, names: Collection[str] | None) -> Digests:
-        visits = layout.visits if names is None else subset_visits(layout.visits, names)
+    def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
+        if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
+            visits = ordered_visits(layout.visits, order)
+        else:
+            visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
         return run_engine(layout, options, sink, advance, visits, overrides)
 
-    written = write_output(output, layout, run.provenance(), options, runner)
-    return _report(run, layout, written, output, options.hash_files, started)
+    written = write_output(output, kind, layout, run.provenance(), options, runner)
+    return _report(run, layout, written, output, started)
 
 
-def _report(run: _Run, layout: Layout, written: Written, output: str, hash_files: bool, started: float) -> Report:
+def _report(run: _Run, layout: Layout, written: Written, output: str, started: float) -> Report:
     report = run.report(dry_run=False)
     report.output = output
-    report.files = [FileRecord(p, _sha256(p) if hash_files else None) for p in written.files]
+    report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
     report.output_digest = written.output_digest
     report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
@@ -160,7 +163,7 @@ def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Di
     _validate(options)
     run = _Run(inputs, options)
     run.open_selected()
-    layout = run.layout("flat.safetensors")
+    layout = run.layout(OutputKind.SAFETENSORS)
     overrides = _batchnorm(run, layout, options)
     digests = run_engine(layout, options, _Discard(), lambda _: None, [v for v in layout.visits if v.digest], overrides)
     return run.report(dry_run=False), digests
@@ -234,8 +237,8 @@ def _merge(options: Options, choices: dict[str, Any]) -> Options:
     return Options(**values)
 
 
-def _validate(options: Options, output: str | None = None) -> None:
-    """Usage errors, found before any file is opened."""
+def _validate(options: Options, output: str | None = None) -> OutputKind | None:
+    """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
@@ -265,8 +268,9 @@ def _validate(options: Options, output: str | None = None) -> None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
-    if output is not None:
-        validate_output_name(output, max_shard_size=options.max_shard_size)
+    if output is None:
+        return None
+    return validate_output_name(output, max_shard_size=options.max_shard_size)
 
 
 def check_device(device: str) -> None:
@@ -282,14 +286,6 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: MPS is not available on this machine")
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Run:
@@ -351,11 +347,10 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, output: str) -> Layout:
+    def layout(self, kind: OutputKind) -> Layout:
         assert self.choice is not None
-        keeps_structure = output.lower().endswith(PYTORCH_SUFFIXES) and not output.endswith("/")
         paths = [self.choice.primary]
-        if keeps_structure:
+        if kind.keeps_structure:
             for other in self.choice.others:
                 if all(has_state_dict(o.tree, other) for o in self.selected_opened):
                     paths.append(other)
@@ -488,6 +483,7 @@ def engine_options(options: Options, count: int, overrides: dict[str, torch.Tens
         int_policy=options.int_policy,
         allow_nonfinite=options.allow_nonfinite,
         overrides=overrides or {},
+        budgets=options.budgets,
     )
 
 

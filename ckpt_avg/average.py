@@ -27,17 +27,47 @@ from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, ite
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "global_step", "num_updates")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
-READ_BUDGET_BYTES = 96 << 20  # all read buffers together, however many inputs
-MAX_READ_BYTES = 16 << 20  # one read; larger ones are no faster
 READ_SLOTS = 3  # chunks in flight: one being averaged, two being read
-# Reads and BLAKE3 (about 6 GB/s per core) run on these threads, in parallel with the arithmetic.
-READ_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
-# The arithmetic runs on the calling thread; intra-op threads only where cores are left over
-# (on a small machine they would contend with the readers and spin).
-ARITH_THREADS = 1 if (os.cpu_count() or 1) <= 4 else min(4, (os.cpu_count() or 1) - READ_THREADS - 2)
-WRITE_BUDGET_BYTES = 48 << 20  # all output buffers together
 WRITE_SLOTS = 3  # averaged chunks waiting to be hashed and written
-BLOCK_ELEMENTS = 1 << 17  # CPU arithmetic block: its float64 scratch stays in cache
+
+
+def usable_cores() -> int:
+    """The cores this process may run on, shared by the ranks torchrun starts on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cores // ranks)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Memory and threads the kernel uses, whatever the number of checkpoints or model size.
+
+    The defaults suit any machine; tests shrink them to drive the many-chunk paths a large
+    model takes. Thread counts left as None come from `usable_cores()` when a run starts.
+    """
+
+    read_bytes: int = 96 << 20  # all read buffers together, however many inputs
+    max_read_bytes: int = 16 << 20  # one read; larger ones are no faster
+    write_bytes: int = 48 << 20  # all output buffers together
+    block_elements: int = 1 << 17  # CPU arithmetic block: its float64 scratch stays in cache
+    # Reads and BLAKE3 (about 6 GB/s per core) run on reader threads, beside the arithmetic.
+    read_threads: int | None = None
+    # The arithmetic runs on the calling thread; intra-op threads only where cores are left
+    # over (on a small machine they would contend with the readers and spin).
+    arith_threads: int | None = None
+
+    def threads(self) -> tuple[int, int]:
+        """(reader threads, arithmetic threads) for this run."""
+        cores = usable_cores()
+        read = self.read_threads or max(2, min(4, cores // 2))
+        arith = self.arith_threads or (1 if cores <= 4 else max(1, min(4, cores - read - 2)))
+        return read, arith
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,7 @@ class AverageOptions:
     int_policy: str = "error"
     allow_nonfinite: bool = False
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    budgets: Budgets = field(default_factory=Budgets)
     # Tensors that replace the average under these names (recomputed BatchNorm statistics).
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -397,6 +428,7 @@ class Engine:
     ) -> None:
         self.files = files
         self.options = options
+        self.budgets = options.budgets
         self.sink = sink
         self.digests = digests
         self.progress = progress
@@ -418,14 +450,15 @@ class Engine:
         ]
         capacity = max(s.count * itemsize(s.visit.unit.out_dtype) for s in steps)
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and threads > ARITH_THREADS:
-            torch.set_num_threads(ARITH_THREADS)
+        read_threads, arith_threads = self.budgets.threads()
+        if self.device.type == "cpu" and threads > arith_threads:
+            torch.set_num_threads(arith_threads)
         readers: _Readers | None = None
         writer: _Writer | None = None
         collecting = gc.isenabled()
         gc.disable()  # the loop makes many short-lived views, and each collection walks all of torch
         try:  # an interrupt between starting the threads and the loop must still stop them
-            readers = _Readers(steps, buffers, self.digests, READ_THREADS)
+            readers = _Readers(steps, buffers, self.digests, read_threads)
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
             for k, step in enumerate(steps):
                 chunks = readers.take(k)
@@ -462,11 +495,13 @@ class Engine:
 
     def _chunk_elements(self, unit: Unit) -> int:
         """Elements per chunk: the buffer budgets split among inputs and slots, in whole blocks."""
-        per_read = min(MAX_READ_BYTES, max(4096, READ_BUDGET_BYTES // (READ_SLOTS * len(unit.leaves))))
+        budgets = self.budgets
+        per_read = min(budgets.max_read_bytes, max(4096, budgets.read_bytes // (READ_SLOTS * len(unit.leaves))))
         widest = max(itemsize(leaf.dtype) for leaf in unit.leaves)
-        per_write = WRITE_BUDGET_BYTES // (WRITE_SLOTS * itemsize(unit.out_dtype))
+        per_write = budgets.write_bytes // (WRITE_SLOTS * itemsize(unit.out_dtype))
         size = max(1, min(self.options.chunk_elements, per_read // widest, per_write))
-        return size - size % BLOCK_ELEMENTS if size > BLOCK_ELEMENTS else size
+        block = budgets.block_elements
+        return size - size % block if size > block else size
 
     def _chunks(self, unit: Unit) -> list[tuple[int, int]]:
         size = self._chunk_elements(unit)
@@ -507,9 +542,10 @@ class Engine:
         device the chunks are copied over (from pinned buffers) and done in one block.
         """
         if self._blocked:
-            sums = self._buffer("sums", -(-out.numel() // BLOCK_ELEMENTS), torch.float64)
-            for j, start in enumerate(range(0, out.numel(), BLOCK_ELEMENTS)):
-                end = min(out.numel(), start + BLOCK_ELEMENTS)
+            block = self.budgets.block_elements
+            sums = self._buffer("sums", -(-out.numel() // block), torch.float64)
+            for j, start in enumerate(range(0, out.numel(), block)):
+                end = min(out.numel(), start + block)
                 self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
         else:
             sums = self._buffer("sums", 1, torch.float64)
@@ -548,7 +584,7 @@ class Engine:
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < count:
             buffer = torch.empty(
-                max(count, BLOCK_ELEMENTS if self._blocked else count), dtype=dtype, device=self.device
+                max(count, self.budgets.block_elements if self._blocked else count), dtype=dtype, device=self.device
             )
             self._scratch[key] = buffer
         return buffer[:count]

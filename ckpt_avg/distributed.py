@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 
-from . import average
 from .api import Options, _batchnorm_refused, _report, _Run, _validate, run_engine
 from .average import Digests
 from .digest import Record
 from .errors import CkptAvgError, OutputError, UsageError
-from .guard import check_output, is_directory_output
+from .guard import OutputKind, check_output
 from .layout import Layout
 from .lazy import itemsize, leaf_numel
 from .report import Report
@@ -50,11 +49,12 @@ from .write import (
 )
 from .writers import (
     DirectoryPlan,
+    Runner,
     Written,
     finalize_directory,
     make_staging,
+    ordered_visits,
     plan_directory,
-    subset_visits,
     write_files,
 )
 
@@ -181,27 +181,6 @@ def assign_files(sizes: Sequence[int], world: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def threads_per_rank(local_world: int) -> int:
-    """The cores this rank may use: its affinity, shared with the other ranks on this node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world))
-
-
-@contextlib.contextmanager
-def _threads(cores: int) -> Iterator[None]:
-    """The kernel's thread pools sized for this rank's share of the node's cores, for one run."""
-    before = average.READ_THREADS, average.ARITH_THREADS
-    average.READ_THREADS = max(2, min(4, cores // 2))
-    average.ARITH_THREADS = 1 if cores <= 4 else min(4, cores - average.READ_THREADS - 2)
-    try:
-        yield
-    finally:
-        average.READ_THREADS, average.ARITH_THREADS = before
-
-
 # ---------------------------------------------------------------- collectives
 
 
@@ -286,8 +265,8 @@ class _Prepared:
 def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks) -> _Prepared:
     """Validate, select, open and plan from metadata: the same on every rank."""
     _batchnorm_refused(options, "under torchrun")
-    _validate(options, output)
-    if not is_directory_output(output):
+    kind = _validate(options, output)
+    if kind is not OutputKind.HF_DIRECTORY:
         raise UsageError(
             f"OUTPUT {output!r} is a single file, which one process writes; under {ranks.world} ranks write a"
             " directory of shards: -o DIR/ --max-shard-size 5GB"
@@ -295,7 +274,7 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(output)
+    layout = run.layout(kind)
     plan = plan_directory(output, layout, run.provenance(), options)
     if plan.single:
         raise UsageError(
@@ -338,9 +317,9 @@ def average_on_ranks(
     on_total: Callable[[int], None] | None = None,
 ) -> Report:
     """`average_checkpoints` split over the ranks of `process_group`; every rank must call it."""
-    ranks = ranks_of(process_group)
-    with _threads(threads_per_rank(ranks.local_world)):
-        return _average_on_ranks(inputs, output, options, ranks, progress, on_total)
+    # Reader and arithmetic threads come from the cores this rank may use (average.Budgets
+    # divides the node's by torchrun's LOCAL_WORLD_SIZE).
+    return _average_on_ranks(inputs, output, options, ranks_of(process_group), progress, on_total)
 
 
 def _average_on_ranks(
@@ -374,8 +353,7 @@ def _average_on_ranks(
     finally:
         if ranks.rank == 0 and not published:
             discard(staging)
-    hash_files = options.hash_files and ranks.rank == 0
-    return _report(prepared.run, prepared.layout, written, output, hash_files, started)
+    return _report(prepared.run, prepared.layout, written, output, started)
 
 
 def _check_same_plan(ranks: Ranks, fingerprints: list[str]) -> None:
@@ -415,9 +393,9 @@ def _stage_and_publish(
     try:
         names = {n for i in mine for n in prepared.plan.files[i].tensors}
         runner = _runner(prepared.layout, options, progress, on_total, names)
-        digests = write_files(prepared.plan, staging, mine, runner)
+        digests, sha256 = write_files(prepared.plan, staging, mine, runner, hashed=options.hash_files)
         _fault(ranks.rank)
-        parts = digest_parts(digests)
+        parts = (digest_parts(digests), sha256)
     except Exception as exc:  # noqa: BLE001 - reported through the vote
         failure = exc
     voted = _agree(ranks, failure, parts, "vote")
@@ -425,9 +403,11 @@ def _stage_and_publish(
     failure = None
     if ranks.rank == 0:
         try:
-            digests = merge_digest_parts(voted, len(prepared.layout.opened))
+            digests = merge_digest_parts([part for part, _ in voted], len(prepared.layout.opened))
+            sha256 = {name: digest for _, each in voted for name, digest in each.items()}
             os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
-            written = finalize_directory(prepared.plan, staging, digests, force=options.force)
+            hashed = options.hash_files
+            written = finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed)
         except Exception as exc:  # noqa: BLE001 - reported through the vote
             failure = exc
     result: Written = _agree(ranks, failure, written, "publication")[0]
@@ -450,14 +430,14 @@ def _runner(
     progress: Callable[[int], None] | None,
     on_total: Callable[[int], None] | None,
     names: Collection[str],
-) -> Callable[[Any, Collection[str] | None], Any]:
+) -> Runner:
     if on_total is not None:  # this rank's share of the reading
-        visits = subset_visits(layout.visits, names)
+        visits = ordered_visits(layout.visits, sorted(names))
         on_total(sum(leaf_numel(x) * itemsize(x.dtype) for v in visits if v.compute for x in v.unit.leaves))
     advance = progress or (lambda _: None)
 
-    def run(sink: Any, wanted: Collection[str] | None) -> Any:
-        return run_engine(layout, options, sink, advance, subset_visits(layout.visits, wanted or names))
+    def run(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
+        return run_engine(layout, options, sink, advance, ordered_visits(layout.visits, order or sorted(names)))
 
     return run
 

@@ -40,6 +40,7 @@ from . import __version__
 from .api import Options, _Run, _validate
 from .average import Unit
 from .errors import CkptAvgError
+from .guard import OutputKind
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, read_leaf_range
 from .report import human_size
 from .sources import OpenedCheckpoint, content_meta
@@ -149,7 +150,7 @@ def inspect_checkpoints(
         raise CkptAvgError(f"band must be greater than 1, not {band}")
     run = _Run(inputs, options)
     run.open_selected()
-    layout = run.layout("inspect.safetensors")  # a flat output: only the chosen state dict
+    layout = run.layout(OutputKind.SAFETENSORS)  # a flat output: only the chosen state dict
     assert run.choice is not None
     units = [u for u in layout.primary_units if u.kind == "float"]
     if not units:

@@ -18,7 +18,7 @@ from typing import Any
 from .digest import FORMAT_VERSION, SCHEME, TensorDigests, digest_leaves
 from .discover import discover
 from .errors import CheckpointError, CkptAvgError, UsageError
-from .guard import PROVENANCE_RECORD, is_directory_output
+from .guard import PROVENANCE_RECORD, OutputKind, output_kind
 from .layout import strip_prefixes
 from .safetensors_file import read_header
 from .sources import open_checkpoint
@@ -92,8 +92,9 @@ def verify_output(
 
 def read_provenance(output: str) -> dict[str, Any] | None:
     """The provenance ckpt-avg recorded in OUTPUT, or None where it has none."""
+    kind = output_kind(output)
     try:
-        if is_directory_output(output):
+        if kind is OutputKind.HF_DIRECTORY:
             index = os.path.join(output, "model.safetensors.index.json")
             if os.path.isfile(index):
                 with open(index, encoding="utf-8") as f:
@@ -103,7 +104,7 @@ def read_provenance(output: str) -> dict[str, Any] | None:
             output = os.path.join(output, "model.safetensors")
             if not os.path.isfile(output):
                 return None
-        if output.lower().endswith(".safetensors"):
+        if kind is not OutputKind.PYTORCH:
             text = read_header(output).metadata.get("ckpt_avg")
             return _as_dict(json.loads(text)) if text is not None else None
         with zipfile.ZipFile(output) as archive:
@@ -141,8 +142,8 @@ def _usable(provenance: dict[str, Any] | None, result: Verification) -> bool:
 def _output_digests(output: str, provenance: dict[str, Any], policy: PicklePolicy) -> TensorDigests:
     ref = discover([output]).refs[0]
     tree = open_checkpoint(ref, policy).tree
-    flat = is_directory_output(output) or output.lower().endswith(".safetensors")
-    path = () if flat else tuple(provenance.get("state_dict") or ())
+    structured = output_kind(output).keeps_structure
+    path = tuple(provenance.get("state_dict") or ()) if structured else ()
     return digest_leaves(_state_dict(tree, path, output))
 
 

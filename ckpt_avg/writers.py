@@ -11,16 +11,16 @@ import os
 import pickle
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .average import Digests, Visit
 from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
-from .guard import PROVENANCE_RECORD
+from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .statedict import TRAINING_STATE_NAMES, get_path
@@ -79,6 +79,7 @@ class Written:
     files: list[str]
     digests: Digests
     dropped: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # per file written, where asked for
 
     @property
     def output_digest(self) -> str:
@@ -89,27 +90,36 @@ class Written:
         return [d.root() for d in self.digests.inputs]
 
 
-# Runs the kernel into a sink: (sink, the primary state dict's names to write, or None for
-# every visit of a structure-keeping output) -> digests.
-Runner = Callable[[Any, Collection[str] | None], Digests]
+class Runner(Protocol):
+    """Runs the kernel into a sink and returns the digests.
+
+    `primary_only`: only the primary state dict; `order`: its names in the order to compute
+    them (the order of the file, so that a file's sha256 is taken as its bytes are written).
+    """
+
+    def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
-def subset_visits(visits: Iterable[Visit], names: Collection[str]) -> list[Visit]:
-    """The primary state dict's visits of `names`; each tied unit computed at its first name here."""
+def ordered_visits(visits: Iterable[Visit], order: Sequence[str]) -> list[Visit]:
+    """The primary state dict's visits of the names in `order`, in that order; each unit is
+    computed at its first name here (a rank may hold only a tied tensor's second name)."""
+    by_name = {visit.name: visit for visit in visits if visit.digest}
     chosen: list[Visit] = []
     computed: set[int] = set()
-    for visit in visits:
-        if visit.digest and visit.name in names:
-            chosen.append(Visit(visit.name, visit.unit, compute=id(visit.unit) not in computed, digest=True))
-            computed.add(id(visit.unit))
+    for name in order:
+        unit = by_name[name].unit
+        chosen.append(Visit(name, unit, compute=id(unit) not in computed, digest=True))
+        computed.add(id(unit))
     return chosen
 
 
-def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    """Write OUTPUT in the format its name asks for, atomically; `run` streams the tensors in."""
-    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+def write_output(
+    output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
+) -> Written:
+    """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
-    if output.lower().endswith(".safetensors"):
+    if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
 
@@ -139,12 +149,12 @@ def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names:
 
 
 @contextlib.contextmanager
-def _temp_file(output: str) -> Iterator[tuple[str, OutputFile]]:
+def _temp_file(output: str, hashed: bool) -> Iterator[tuple[str, OutputFile]]:
     temp = temp_path_for(output)
     file: OutputFile | None = None
     try:
         with signals_deferred():  # a Ctrl-C here must not leave an untracked temp file
-            file = open_temp(temp)
+            file = open_temp(temp, hashed=hashed)
         yield temp, file
     except BaseException:
         if file is not None:
@@ -168,23 +178,23 @@ def _write_safetensors(
     output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     entries = _entries(layout)
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         try:
             names = layout.primary_names
             placeholder = _provenance_text(provenance, None, names)
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
-            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), set(entries))
+            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True, list(writer.placement))
             final = SafetensorsWriter.header_bytes(
                 entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
             file.pwrite(final, 0)
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-    return Written([output], digests)
+    return Written([output], digests, sha256={output: sha256} if sha256 else {})
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -193,8 +203,8 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     temp = temp_path_for(output)
     make_staging(temp, output)
     try:
-        digests = write_files(plan, temp, range(len(plan.files)), run)
-        return finalize_directory(plan, temp, digests, force=options.force)
+        digests, sha256 = write_files(plan, temp, range(len(plan.files)), run, hashed=options.hash_files)
+        return finalize_directory(plan, temp, digests, sha256, force=options.force, hashed=options.hash_files)
     except BaseException as exc:
         discard(temp)
         if isinstance(exc, OSError):
@@ -293,47 +303,65 @@ def make_staging(path: str, output: str) -> None:
         raise
 
 
-def write_files(plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner) -> Digests:
+def write_files(
+    plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool = False
+) -> tuple[Digests, dict[str, str]]:
     """Stream the tensors of the files at `indices` into `staging`, each file fsynced and closed.
 
-    A lone shard's header is rewritten with the digests by `finalize_directory`.
+    Returns the digests, and where `hashed` the sha256 of each file by name (a lone shard's
+    is taken by `finalize_directory`, which rewrites its header with the digests).
     """
     indices = list(indices)
     files: list[OutputFile] = []
     writers: dict[str, SafetensorsWriter] = {}
+    sha256: dict[str, str] = {}
     try:
         for index in indices:
             shard = plan.files[index]
-            file = open_temp(os.path.join(staging, shard.name))
+            file = open_temp(os.path.join(staging, shard.name), hashed=hashed and not plan.single)
             files.append(file)
             writer = SafetensorsWriter(file, plan._entries_of(index), plan.metadata(None))
             writers.update(dict.fromkeys(shard.tensors, writer))
-        digests = run(SafetensorsSink(writers), set(writers))
+        in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
+        digests = run(SafetensorsSink(writers), True, in_file_order)
         for file in files:
-            finish_file(file)
+            name = os.path.basename(file.path)
+            digest = finish_file(file)
+            if digest is not None:
+                sha256[name] = digest
     except BaseException:
         for file in files:
             with contextlib.suppress(OSError):
                 file.close()
         raise
-    return digests
+    return digests, sha256
 
 
-def finalize_directory(plan: DirectoryPlan, staging: str, digests: Digests, *, force: bool) -> Written:
-    """Index or header with the provenance, side files, fsync, and publish by rename."""
+def finalize_directory(
+    plan: DirectoryPlan, staging: str, digests: Digests, sha256: dict[str, str], *, force: bool, hashed: bool
+) -> Written:
+    """Index or header with the provenance, side files, fsync, and publish by rename.
+
+    `sha256` has the shards' sha256 by name where `hashed` (from whichever rank wrote them).
+    """
+    sha256 = dict(sha256)
     if plan.single:
-        fd = os.open(os.path.join(staging, plan.files[0].name), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        path = os.path.join(staging, plan.files[0].name)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            final = plan.header(0, digests)
-            os.pwrite(fd, final, 0)
+            os.pwrite(fd, plan.header(0, digests), 0)
             os.fsync(fd)
         finally:
             os.close(fd)
+        if hashed:  # its leading bytes changed after the data: sha256 cannot resume, read it once
+            sha256[plan.files[0].name] = _sha256_of(path)
     else:
         shards = [list(f.tensors) for f in plan.files]
         names = [f.name for f in plan.files]
         provenance = _with_digests(plan.provenance, digests, sorted(plan.entries))
-        _write_index(staging, plan.entries, shards, names, provenance)
+        index_sha256 = _write_index(staging, plan.entries, shards, names, provenance, hashed)
+        if index_sha256 is not None:
+            sha256["model.safetensors.index.json"] = index_sha256
     for source in plan.side_files:
         target = os.path.join(staging, os.path.basename(source))
         shutil.copyfile(source, target)
@@ -343,7 +371,15 @@ def finalize_directory(plan: DirectoryPlan, staging: str, digests: Digests, *, f
     written = [os.path.join(plan.output, f.name) for f in plan.files]
     if not plan.single:
         written.append(os.path.join(plan.output, "model.safetensors.index.json"))
-    return Written(written, digests)
+    return Written(written, digests, sha256={os.path.join(plan.output, n): d for n, d in sha256.items()})
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_index(
@@ -352,14 +388,18 @@ def _write_index(
     shards: list[list[str]],
     file_names: list[str],
     provenance: dict[str, Any],
-) -> None:
+    hashed: bool,
+) -> str | None:
     total = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in entries.values())
     weight_map = {name: file_name for names, file_name in zip(shards, file_names, strict=True) for name in names}
     index = {"metadata": {"total_size": total, "ckpt_avg": provenance}, "weight_map": dict(sorted(weight_map.items()))}
     path = os.path.join(directory, "model.safetensors.index.json")
-    with open_temp(path) as file:
+    file = open_temp(path, hashed=hashed)
+    try:
         file.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        os.fsync(file.fileno())
+        return finish_file(file)
+    finally:
+        file.close()
 
 
 def _side_files(layout: Layout) -> tuple[str, ...]:
@@ -390,10 +430,10 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     averaged = {path[0] for path in layout.names if path}
     dropped = builder.dropped + _drop_unpicklable(tree, nested, averaged, layout.opened[-1].ref.display)
     archive = os.path.splitext(os.path.basename(output))[0] or "archive"
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         writer = PtWriter(file, archive)
         try:
-            digests = run(PtSink(writer, storages), None)
+            digests = run(PtSink(writer, storages), False)
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)
@@ -408,7 +448,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
             writer.record("version", b"3\n")
             writer.record(".data/serialization_id", _serialization_id(digests))
             writer.close()
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             writer.abandon()
@@ -416,7 +456,7 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
         except BaseException:
             writer.abandon()
             raise
-    return Written([output], digests, dropped)
+    return Written([output], digests, dropped, {output: sha256} if sha256 else {})
 
 
 def _serialization_id(digests: Digests) -> bytes:

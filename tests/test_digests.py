@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zipfile
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_avg import average_checkpoints
 from ckpt_avg.guard import PROVENANCE_RECORD
+from ckpt_avg.write import finish_file, open_temp
 
 
 def documented_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -125,3 +127,36 @@ def test_tied_names_are_separate_records_and_stay_tied_in_a_pt_output(tmp_path: 
     assert [c.tensor_digest for c in report.selected] == [documented_digest(s) for s in states]
     tensors = _provenance(tmp_path / "avg.pt")["digest"]["tensors"]
     assert tensors["encoder.embed"] == tensors["decoder.embed"] != tensors["head"]
+
+
+@pytest.mark.parametrize("output", ["avg.safetensors", "avg.pt", "avg_dir/", "sharded/"])
+def test_json_sha256_of_each_file_is_that_of_its_bytes(tmp_path: Path, output: str) -> None:
+    (tmp_path / "ckpts").mkdir()
+    for epoch, state in enumerate(_states()):
+        state["tied"] = state["layer.weight"]  # a second copy in a safetensors output
+        torch.save({"state_dict": state, "epoch": epoch}, tmp_path / "ckpts" / f"epoch={epoch}.ckpt")
+    shard = {"max_shard_size": "3000"} if output == "sharded/" else {}
+    report = average_checkpoints([str(tmp_path / "ckpts")], f"{tmp_path}/{output}", **shard)
+    assert len(report.files) == (5 if output == "sharded/" else 1)
+    for record in report.files:
+        assert record.sha256 == hashlib.sha256(Path(record.path).read_bytes()).hexdigest(), record.path
+    quiet = average_checkpoints([str(tmp_path / "ckpts")], f"{tmp_path}/{output}", force=True, hash_files=False)
+    assert [f.sha256 for f in quiet.files] == [None] * len(quiet.files)
+
+
+def test_file_digest_hashes_in_order_writes_without_reading_back(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    cases = {
+        "in order": [(0, 0, len(payload))],
+        "ahead, then the gap": [(len(payload) // 2, len(payload) // 2, len(payload)), (0, 0, len(payload) // 2)],
+        "a header patched": [(0, 0, len(payload)), (0, 0, 64)],
+    }
+    for name, writes in cases.items():
+        path = tmp_path / name.replace(" ", "_")
+        file = open_temp(str(path), hashed=True)
+        digest = file.digest
+        assert digest is not None
+        for offset, begin, end in writes:
+            file.pwrite(payload[begin:end], offset)
+        assert finish_file(file) == hashlib.sha256(payload).hexdigest(), name
+        assert digest.read_back == {"in order": 0, "ahead, then the gap": len(payload) // 2}.get(name, len(payload))

@@ -403,15 +403,20 @@ def _stage_and_publish(
     failure = None
     if ranks.rank == 0:
         try:
-            digests = merge_digest_parts([part for part, _ in voted], len(prepared.layout.opened))
-            sha256 = {name: digest for _, each in voted for name, digest in each.items()}
-            os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
-            hashed = options.hash_files
-            written = finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed)
+            written = _publish(prepared, options, staging, voted)
         except Exception as exc:  # noqa: BLE001 - reported through the vote
             failure = exc
     result: Written = _agree(ranks, failure, written, "publication")[0]
     return result
+
+
+def _publish(prepared: _Prepared, options: Options, staging: str, voted: list[Any]) -> Written:
+    """Rank 0, once every rank has voted yes: the index from everyone's digests, then the rename."""
+    digests = merge_digest_parts([part for part, _ in voted], len(prepared.layout.opened))
+    sha256 = {name: digest for _, each in voted for name, digest in each.items()}
+    os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
+    hashed = options.hash_files
+    return finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed)
 
 
 def _sees_staging(ranks: Ranks, staging: str, nonce: str) -> BaseException | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("torchrun")
     inputs = make_checkpoints(directory / "ckpts")
     average_checkpoints(inputs, f"{directory}/one/", max_shard_size=SHARD)  # the single-process reference
+    shutil.copytree(directory / "ckpts", directory / "elsewhere" / "ckpts")  # another "node's" file system
     assert len(os.listdir(directory / "one")) > 4
     return directory
 
@@ -97,6 +99,17 @@ def test_one_rank_with_other_arguments_stops_every_rank(workdir: Path, scenarios
     assert outcomes[0]["message"].startswith("rank 2 planned a different output than rank 0")  # type: ignore[union-attr]
     assert [o["reported_elsewhere"] for o in outcomes] == [False, True, True]
     assert not (workdir / "disagree").exists()
+
+
+def test_a_rank_that_does_not_share_the_file_system_stops_every_rank(workdir: Path, scenarios: Outcomes) -> None:
+    outcomes = [scenarios[rank]["unshared"] for rank in range(3)]
+    assert [o["ok"] for o in outcomes] == [False, False, False]
+    message = str(outcomes[0]["message"])
+    assert message.startswith("rank 1: ") and "does not see the staging directory rank 0 made" in message
+    assert "must be on a file system every rank shares" in message
+    for place in (workdir, workdir / "elsewhere"):
+        assert not (place / "unshared").exists()
+        assert not [n for n in os.listdir(place) if n.startswith(".ckpt-avg-tmp-unshared")]
 
 
 def test_killed_rank_publishes_nothing_and_the_next_run_cleans_up(workdir: Path, scenarios: Outcomes) -> None:

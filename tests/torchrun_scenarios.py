@@ -7,6 +7,8 @@ Scenarios, in order (the last one kills rank 0, ending the launch):
   two_ranks   ranks 0 and 1 average into WORKDIR/two/ over a subgroup; rank 2 waits
   raises      rank 1 raises after writing its files (the test-only fault variable)
   disagree    rank 2 asks for other weights than ranks 0 and 1
+  unshared    rank 1 runs in WORKDIR/elsewhere (a copy of the inputs at the same relative
+              paths), as a node whose file system is not the others' would
   killed      rank 0 dies with os._exit after writing its files
 """
 
@@ -72,6 +74,14 @@ def main(workdir: str) -> None:
             inputs, f"{workdir}/disagree/", max_shard_size=SHARD, weights=weights, process_group=dist.group.WORLD
         ),
     )
+    os.chdir(os.path.join(workdir, "elsewhere") if rank == 1 else workdir)
+    relative = [os.path.join("ckpts", os.path.basename(path)) for path in inputs]
+    _attempt(
+        "unshared",
+        workdir,
+        lambda: average_checkpoints(relative, "unshared/", max_shard_size=SHARD, process_group=dist.group.WORLD),
+    )
+    os.chdir(workdir)
     os.environ[FAULT_ENV] = "0:exit"
     _attempt(
         "killed",

@@ -10,7 +10,11 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,14 +25,18 @@ from . import __version__
 from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import UsageError
+from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
+from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
+from .modules import pickled_modules
+from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, validate_options
-from .sources import OpenedCheckpoint, content_meta, open_checkpoint
+from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
-from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
+from .unpickle import PicklePolicy, check_allow_global
+from .userpath import importable_from_cwd
 from .write import remove_stale_temps
 from .writers import Written, ordered_visits, write_output
 
@@ -115,7 +123,7 @@ def average_checkpoints(
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(kind)
+    layout = run.layout(kind, output)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
@@ -141,10 +149,10 @@ def _report(run: _Run, layout: Layout, written: Written, output: str, started: f
     report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
-    report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
+    report.parameters = parameter_count(layout)
     report.tensors = len(layout.primary_names)
     report.placeholders = sorted(run.placeholders)
-    report.dropped = written.dropped
+    report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
 
@@ -201,6 +209,20 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         warn=run.warnings.append,
     )
     return recomputed
+
+
+def parameter_count(layout: Layout) -> int:
+    """Floating-point values averaged, without BatchNorm running statistics (buffers, not parameters)."""
+    statistics = {layer + stat for layer in batchnorm_layers(layout.primary_names) for stat in _BN_STATISTICS}
+    primary = layout.names[layout.choice.primary]
+    return sum(
+        unit.numel
+        for unit in layout.primary_units
+        if unit.kind == "float" and not any(n in statistics for n in unit.names if n in primary)
+    )
+
+
+_BN_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_layers(names: Sequence[str]) -> list[str]:
@@ -298,32 +320,51 @@ class _Run:
         self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
-        self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
+        self.candidates = self._candidates()
         self.plan = make_plan(self.candidates, options.select)
+        refuse_unindexed_order(
+            self.plan, [name for name, value in (("--ema", options.ema), ("--weights", options.weights)) if value]
+        )
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
+        self.second_models: list[str] = []
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
             self._opened[ref.display] = open_checkpoint(ref, self.policy)
         return self._opened[ref.display]
 
-    def _candidate(self, ref: CheckpointRef) -> Candidate:
+    def _candidates(self) -> list[Candidate]:
+        notes: list[str] = []
+        neighbours: dict[str, list[str]] = defaultdict(list)
+        for ref in self.discovery.refs:
+            head, name = os.path.split(ref.display.rstrip("/"))
+            neighbours[head].append(name)
+        candidates = [
+            candidate_from(ref, self._meta(ref), neighbours[os.path.split(ref.display.rstrip("/"))[0]], notes)
+            for ref in self.discovery.refs
+        ]
+        self.warnings.extend(notes)
+        return mark_copies(candidates, self._open, self.options.key)
+
+    def _meta(self, ref: CheckpointRef) -> ContentMeta | None:
+        """The contents' indices: needed where the name has none, read anyway where cheap."""
         info = ref.name
         metric = self.options.select.metric
         needs_contents = (
-            (info.epoch is None and info.step is None)
+            (info.epoch is None and info.step is None and info.save is None)
             or info.is_alias
+            or info.dash_file
             or (metric is not None and metric not in info.metrics)
             or (self.options.select.by == "step" and info.step is None)
             or (self.options.select.by == "epoch" and info.epoch is None)
         )
-        if not needs_contents:
-            return Candidate(ref, info.epoch, info.step, dict(info.metrics))
-        meta = content_meta(self._open(ref))
-        epoch = info.epoch if info.epoch is not None else meta.epoch
-        step = info.step if info.step is not None else meta.step
-        return Candidate(ref, epoch, step, {**meta.metrics, **info.metrics})
+        if needs_contents:
+            return content_meta(self._open(ref))
+        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+            return content_meta(self._open(ref)) if cheap_to_open(ref) else None
+        except CkptAvgError:
+            return None  # read again, with its error, only if selected
 
     def open_selected(self) -> None:
         self.selected_opened = [self._open(c.ref) for c in self.plan.selected]
@@ -335,6 +376,9 @@ class _Run:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
             self.warnings.extend(placeholder_warnings(self.placeholders))
+        self.second_models = second_models([c.ref for c in self.plan.selected])
+        if self.second_models:
+            self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
@@ -347,7 +391,7 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, kind: OutputKind) -> Layout:
+    def layout(self, kind: OutputKind, output: str = "avg.pt") -> Layout:
         assert self.choice is not None
         paths = [self.choice.primary]
         if kind.keeps_structure:
@@ -358,8 +402,10 @@ class _Run:
                     self.warnings.append(
                         f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
                     )
+        if kind.keeps_structure and not self.options.trust_pickle:
+            refuse_pickled_modules(self.selected_opened[-1], paths, output)
         out_dtype = DTYPES[self.options.dtype] if self.options.dtype else None
-        return build_layout(
+        layout = build_layout(
             self.selected_opened,
             self.choice,
             paths,
@@ -367,6 +413,15 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
+        extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
+        if extras:
+            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
+            self.warnings.append(
+                f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
+                f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"
+                f" not averaged, {fate}"
+            )
+        return layout
 
     def provenance(self) -> dict[str, Any]:
         select = self.options.select
@@ -439,6 +494,61 @@ class _Run:
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
         )
+
+
+_SECOND_MODEL = re.compile(r"^(?:model|pytorch_model)_([0-9]+)\.(?:safetensors|bin)$")
+
+
+def second_models(refs: Sequence[CheckpointRef]) -> list[str]:
+    """A warning naming the models beside the first in accelerate's save_state() directories
+    (`model_1.safetensors`: a GAN's discriminator, a student), and one entry per model left out.
+
+    Only the first model is averaged; the warning gives the command that averages another.
+    """
+    directories = [r for r in refs if r.is_directory]
+    if not directories:
+        return []
+    names = sorted(
+        (n for n in _listing(directories[-1].display) if _SECOND_MODEL.match(n)),
+        key=lambda n: int(_SECOND_MODEL.match(n).group(1)),  # type: ignore[union-attr]
+    )
+    if not names:
+        return []
+    files = " ".join(shlex.quote(os.path.join(r.display, names[0])) for r in refs)
+    first = os.path.basename(refs[-1].files[0])
+    warning = (
+        f"{directories[-1].display} holds {len(names) + 1} models; only the first ({first}) is averaged,"
+        f" LEFT OUT: {', '.join(names)}; average {names[0]} with: ckpt-avg {files}"
+        f" -o {os.path.splitext(names[0])[0]}_avg.safetensors"
+    )
+    return [warning] + [f"{name} (a second model in each checkpoint directory)" for name in names]
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def refuse_pickled_modules(last: OpenedCheckpoint, paths: Sequence[tuple[str, ...]], output: str) -> None:
+    """A .pt output keeps a whole pickled model only when its class may be imported."""
+    for where, module in pickled_modules(last.tree):
+        path = () if where == "(top level)" else (where,)
+        if path in paths:
+            raise CheckpointError(
+                f"{last.ref.display}: {where} is a whole pickled model ({module.class_name}); its tensors are"
+                " averaged without importing that class, but a .pt output would have to rebuild the object:"
+                f" write a state dict for load_state_dict with -o {_stem(output)}.safetensors, or add --trust-pickle"
+                " for files you trust (it imports the class and runs their code) to keep the model in a .pt file"
+            )
+
+
+def _stem(output: str) -> str:
+    for suffix in (*PYTORCH_SUFFIXES, ".safetensors"):
+        if output.lower().endswith(suffix):
+            return output[: -len(suffix)]
+    return output
 
 
 def placeholder_warnings(placeholders: set[str]) -> list[str]:

@@ -25,7 +25,7 @@ from .errors import MismatchError, NonFiniteError, UsageError
 from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "global_step", "num_updates")
+COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "steps", "global_step", "num_updates")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
 READ_SLOTS = 3  # chunks in flight: one being averaged, two being read
 WRITE_SLOTS = 3  # averaged chunks waiting to be hashed and written
@@ -110,6 +110,11 @@ class Visit:
     unit: Unit
     compute: bool
     digest: bool  # part of the digested state dict
+    where: str = ""  # the state dict's path where it is not the primary one, for messages
+
+    @property
+    def label(self) -> str:
+        return f"{self.where}.{self.name}" if self.where else self.name
 
 
 class Sink(Protocol):
@@ -517,7 +522,7 @@ class Engine:
         if override is not None:
             out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
         else:
-            self._combine(unit, step.visit.name, chunks, out)
+            self._combine(unit, step.visit.label, chunks, out)
         writer.write(step, out)
         self.progress(sum(c.numel() * c.element_size() for c in chunks))
 
@@ -541,20 +546,30 @@ class Engine:
         On the CPU the work goes block by block so the float64 scratch stays in cache; on a
         device the chunks are copied over (from pinned buffers) and done in one block.
         """
+        narrowing = not self.options.allow_nonfinite and _narrower(unit)
+        overflowed = False
         if self._blocked:
             block = self.budgets.block_elements
             sums = self._buffer("sums", -(-out.numel() // block), torch.float64)
             for j, start in enumerate(range(0, out.numel(), block)):
                 end = min(out.numel(), start + block)
                 self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
+                overflowed = overflowed or (narrowing and _overflows(out[start:end]))  # while it is in cache
         else:
             sums = self._buffer("sums", 1, torch.float64)
             result = self._buffer("result", out.numel(), out.dtype)
             self._mean_block([c.to(self.device, non_blocking=True) for c in chunks], result, sums[0])
+            overflowed = narrowing and out.numel() > 0 and _overflows(result)
             out.copy_(result, non_blocking=True)
         if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
             self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
         _synchronize(self.device)  # the read buffers and `out` are reused next
+        if overflowed:  # finite means (checked above) that the output dtype cannot hold
+            raise NonFiniteError(
+                f"tensor {name!r}: its mean is beyond the range of {str(out.dtype).removeprefix('torch.')}"
+                f" (largest {torch.finfo(out.dtype).max:g}) and would be written as Inf; choose a wider --dtype,"
+                " or --allow-nonfinite to write it anyway"
+            )
 
     def _mean_block(self, xs: list[torch.Tensor], out: torch.Tensor, total: torch.Tensor) -> None:
         """Sum in index order in the accumulator dtype, divide, round once; `total` gets the sum."""
@@ -609,6 +624,17 @@ class Engine:
                     f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
                     " (use --allow-nonfinite to average it anyway)"
                 )
+
+
+def _overflows(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)
+    return not (math.isfinite(float(low)) and math.isfinite(float(high)))
+
+
+def _narrower(unit: Unit) -> bool:
+    """Whether a finite mean of the inputs can still round to Inf in the output dtype (`--dtype float16`)."""
+    largest = torch.finfo(unit.out_dtype).max
+    return any(torch.finfo(leaf.dtype).max > largest for leaf in unit.leaves if leaf.dtype.is_floating_point)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -14,8 +14,9 @@ import click
 
 from . import __version__
 from .api import Options, average_checkpoints, plan_checkpoints
+from .cli_options import StrictCommand
 from .errors import CkptAvgError, SelectionError
-from .report import Report, plan_table, summary_line
+from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
 
 EPILOG = """\b
@@ -51,6 +52,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @click.command(
+    cls=StrictCommand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
@@ -258,9 +260,9 @@ def _warn(report: Report, quiet: bool) -> None:
     if quiet:
         return
     for warning in report.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {terminal_safe(warning)}", err=True)
     if report.dropped:
-        click.echo(f"Note: left out of the output: {', '.join(report.dropped)}", err=True)
+        click.echo(f"Note: left out of the output: {terminal_safe(', '.join(report.dropped))}", err=True)
 
 
 @contextmanager
@@ -294,11 +296,11 @@ def _errors(*, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         if not getattr(error, "reported_elsewhere", False):  # another torchrun rank prints it
-            click.echo(f"Error: {error}", err=True)
+            click.echo(f"Error: {terminal_safe(error)}", err=True)
         if hasattr(error, "settle"):
             error.settle()
         if isinstance(error, SelectionError) and error.plan_table:
-            click.echo(error.plan_table, err=True)
+            click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("Error: interrupted; no output was written", err=True)
@@ -312,12 +314,13 @@ def _errors(*, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         where = f"{error.filename}: " if error.filename else ""
-        click.echo(f"Error: {where}{error.strerror or error}", err=True)
+        click.echo(f"Error: {terminal_safe(f'{where}{error.strerror or error}')}", err=True)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - a bug: one line, and --debug shows where
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: internal error: {type(error).__name__}: {error} (run with --debug for details)", err=True)
+        message = terminal_safe(f"{type(error).__name__}: {error}")
+        click.echo(f"Error: internal error: {message} (run with --debug for details)", err=True)
         sys.exit(1)
 
 

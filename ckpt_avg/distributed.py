@@ -416,7 +416,8 @@ def _publish(prepared: _Prepared, options: Options, staging: str, voted: list[An
     sha256 = {name: digest for _, each in voted for name, digest in each.items()}
     os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
     hashed = options.hash_files
-    return finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed)
+    warn = prepared.layout.warnings.append
+    return finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed, warn=warn)
 
 
 def _sees_staging(ranks: Ranks, staging: str, nonce: str) -> BaseException | None:

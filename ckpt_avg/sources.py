@@ -7,6 +7,7 @@ safetensors file, or a Hugging Face-style directory of one or more weight shards
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
+from .modules import replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
 from .unpickle import PicklePolicy, Placeholder
@@ -37,12 +39,26 @@ class ContentMeta:
     epoch: int | None = None
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Stored as such (not derived): where a name disagrees with these, they win.
+    stored_epoch: int | None = None
+    stored_step: int | None = None
+    batch_counter: bool = False  # icefall's batch_idx_train: its checkpoint-N.pt counts batches
 
 
 def open_checkpoint(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
     if ref.is_directory:
         return _open_directory(ref, policy)
     return _open_file(ref, ref.files[0], policy)
+
+
+def cheap_to_open(ref: CheckpointRef) -> bool:
+    """Whether opening reads only metadata (not a legacy file, which loads whole)."""
+    if ref.is_directory or ref.files[0].endswith(".safetensors"):
+        return True
+    try:
+        return is_zip(ref.files[0])
+    except OSError:
+        return False
 
 
 def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedCheckpoint:
@@ -61,9 +77,9 @@ def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedChe
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
     if zipped:
         loaded = load_zip(path, policy)
-        return OpenedCheckpoint(ref, loaded.obj, placeholders=loaded.placeholders)
+        return OpenedCheckpoint(ref, replace_modules(loaded.obj), placeholders=loaded.placeholders)
     loaded = load_legacy(path, policy)
-    return OpenedCheckpoint(ref, loaded.obj, legacy=True, placeholders=loaded.placeholders)
+    return OpenedCheckpoint(ref, replace_modules(loaded.obj), legacy=True, placeholders=loaded.placeholders)
 
 
 def _open_directory(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
@@ -95,8 +111,8 @@ def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
         tree = opened.safetensors_metadata
     if not isinstance(tree, dict):
         return ContentMeta()
-    epoch = _as_int(tree.get("epoch"))
-    step = _as_int(tree.get("global_step", tree.get("step")))
+    stored_epoch, stored_step = _stored_indices(tree)
+    epoch, step = stored_epoch, stored_step
     extra = tree.get("extra_state")
     if isinstance(extra, dict):  # fairseq
         iterator = extra.get("train_iterator")
@@ -110,11 +126,39 @@ def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
     history = tree.get("optimizer_history")
     if step is None and isinstance(history, list) and history and isinstance(history[-1], dict):
         step = _as_int(history[-1].get("num_updates"))
-    return ContentMeta(epoch, step, _metrics(tree))
+    return ContentMeta(epoch, step, _metrics(tree), stored_epoch, stored_step, "batch_idx_train" in tree)
+
+
+def _stored_indices(tree: dict[Any, Any]) -> tuple[int | None, int | None]:
+    """Epoch and step where libraries store them: top level (Lightning, timm, torchvision,
+    YOLO), mmengine's `meta`, icefall's `cur_epoch` and `batch_idx_train`."""
+    epoch = _as_int(tree.get("epoch"))
+    if epoch is not None and epoch < 0:
+        epoch = None  # YOLO's finished last.pt/best.pt say epoch -1: a copy, not an epoch
+    step = _as_int(tree.get("global_step", tree.get("step")))
+    meta = tree.get("meta")
+    if isinstance(meta, dict):
+        epoch = epoch if epoch is not None else _as_int(meta.get("epoch"))
+        step = step if step is not None else _as_int(meta.get("iter"))
+    epoch = epoch if epoch is not None else _as_int(tree.get("cur_epoch"))
+    step = step if step is not None else _as_int(tree.get("batch_idx_train"))
+    return epoch, step
 
 
 # Numbers beside the weights that are counters or bookkeeping, not a model's quality.
-_NOT_METRICS = frozenset({"epoch", "global_step", "step", "version", "previous_training_time", "num_updates"})
+_NOT_METRICS = frozenset(
+    {
+        "epoch",
+        "global_step",
+        "step",
+        "version",
+        "previous_training_time",
+        "num_updates",
+        "cur_epoch",
+        "batch_idx_train",
+        "updates",
+    }
+)
 
 
 def _metrics(tree: dict[Any, Any]) -> dict[str, float]:
@@ -143,9 +187,10 @@ def _trainer_state(directory: str) -> ContentMeta:
     metrics: dict[str, float] = {}
     for entry in state.get("log_history") or []:
         if isinstance(entry, dict):
-            metrics.update({k: float(v) for k, v in entry.items() if _as_float(v) is not None})
-    if isinstance(state.get("best_metric"), int | float):
-        metrics.setdefault("best_metric", float(state["best_metric"]))
+            metrics.update({k: number for k, v in entry.items() if (number := _as_float(v)) is not None})
+    best = _as_float(state.get("best_metric"))
+    if best is not None:
+        metrics.setdefault("best_metric", best)
     return ContentMeta(None, _as_int(state.get("global_step")), metrics)
 
 
@@ -153,9 +198,9 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+        return value if -_INDEX_LIMIT <= value < _INDEX_LIMIT else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # not other scripts' digits
+        return _as_int(int(value)) if len(value) < 30 else None
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item) and type(value).__module__.startswith("numpy"):
         result = item()
@@ -163,14 +208,29 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+# No run reaches an epoch or step beyond int64; a larger number (10**5000 from a crafted
+# file) is not an index, and would not even print (Python's int-to-str digit limit).
+_INDEX_LIMIT = 2**63
+
+
 def _as_float(value: Any) -> float | None:
     if isinstance(value, bool | Placeholder):
         return None
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return _int_as_float(value)
     if type(value).__module__.startswith("numpy"):
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     return None
+
+
+def _int_as_float(value: int) -> float:
+    """An int too large for a float is, as a metric, infinitely large."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf

@@ -33,6 +33,7 @@ import torch
 from .average import Unit
 from .discover import TEMP_PREFIX
 from .errors import OutputError
+from .guard import replace_refusal
 from .lazy import TensorLeaf, itemsize, load_leaf
 from .safetensors_file import HeaderEntry, layout
 
@@ -82,10 +83,9 @@ def remove_stale_temps(final_path: str) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            path = os.path.join(directory, name)
+        if pid.isascii() and pid.isdigit() and not _pid_alive(int(pid)):
             with contextlib.suppress(OSError):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
 
 
 # ---------------------------------------------------------------- shared staging
@@ -209,6 +209,9 @@ def commit(temp: str, final: str, *, force: bool) -> None:
             if os.path.lexists(final):
                 if not force:
                     raise OutputError(f"{final}: already exists (use --force to overwrite)")
+                refusal = replace_refusal(final)  # again: the user may have added a file since the start
+                if refusal:
+                    raise OutputError(f"{final}: {refusal}")
                 old = temp_path_for(final) + "-old"
                 os.rename(final, old)
                 try:
@@ -216,7 +219,7 @@ def commit(temp: str, final: str, *, force: bool) -> None:
                 except OSError:
                     os.rename(old, final)  # put the previous output back: nothing is lost
                     raise
-                shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+                _remove_replaced(old)
             else:
                 os.rename(temp, final)
         else:
@@ -224,6 +227,14 @@ def commit(temp: str, final: str, *, force: bool) -> None:
                 raise OutputError(f"{final}: already exists (use --force to overwrite)")
             os.replace(temp, final)
     _fsync_directory(directory)
+
+
+def _remove_replaced(old: str) -> None:
+    """Delete what OUTPUT was before: a link as a link (never what it points to), a directory whole."""
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)  # a partial removal still leaves the new OUTPUT whole
+    else:
+        os.remove(old)
 
 
 def discard(temp: str) -> None:
@@ -236,8 +247,17 @@ def open_temp(path: str, *, hashed: bool = False) -> OutputFile:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
-        raise OutputError(f"{os.path.dirname(path) or '.'}: cannot write the output here: {exc.strerror}") from None
+        directory = os.path.dirname(path) or "."
+        raise OutputError(f"{_output_named(path)}: cannot write the output in {directory}: {exc.strerror}") from None
     return OutputFile(path, fd, FileDigest() if hashed else None)
+
+
+def _output_named(temp: str) -> str:
+    """The OUTPUT a temp file stands for (`.ckpt-avg-tmp-NAME-PID-RANDOM` beside it), for messages."""
+    directory, name = os.path.split(temp)
+    if not name.startswith(TEMP_PREFIX):
+        return temp
+    return os.path.join(directory, name[len(TEMP_PREFIX) :].rsplit("-", 2)[0])
 
 
 def finish_file(file: OutputFile) -> str | None:

@@ -10,10 +10,11 @@ import math
 import os
 import pickle
 import shutil
+import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,6 +24,7 @@ from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
@@ -204,7 +206,10 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     make_staging(temp, output)
     try:
         digests, sha256 = write_files(plan, temp, range(len(plan.files)), run, hashed=options.hash_files)
-        return finalize_directory(plan, temp, digests, sha256, force=options.force, hashed=options.hash_files)
+        hashed = options.hash_files
+        return finalize_directory(
+            plan, temp, digests, sha256, force=options.force, hashed=hashed, warn=layout.warnings.append
+        )
     except BaseException as exc:
         discard(temp)
         if isinstance(exc, OSError):
@@ -338,7 +343,14 @@ def write_files(
 
 
 def finalize_directory(
-    plan: DirectoryPlan, staging: str, digests: Digests, sha256: dict[str, str], *, force: bool, hashed: bool
+    plan: DirectoryPlan,
+    staging: str,
+    digests: Digests,
+    sha256: dict[str, str],
+    *,
+    force: bool,
+    hashed: bool,
+    warn: Callable[[str], None],
 ) -> Written:
     """Index or header with the provenance, side files, fsync, and publish by rename.
 
@@ -363,9 +375,9 @@ def finalize_directory(
         if index_sha256 is not None:
             sha256["model.safetensors.index.json"] = index_sha256
     for source in plan.side_files:
-        target = os.path.join(staging, os.path.basename(source))
-        shutil.copyfile(source, target)
-        fsync_path(target)
+        problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging)
+        if problem:
+            warn(f"{source}: not copied into the output: {problem}")
     fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]
@@ -408,11 +420,45 @@ def _side_files(layout: Layout) -> tuple[str, ...]:
     if not last.is_directory:
         return ()
     source = os.path.dirname(last.files[0])
-    return tuple(
-        os.path.join(source, name)
-        for name in sorted(os.listdir(source))
-        if name in HF_SIDE_FILES and os.path.isfile(os.path.join(source, name))
-    )
+    return tuple(os.path.join(source, name) for name in sorted(os.listdir(source)) if name in HF_SIDE_FILES)
+
+
+def copy_side_file(source: str, name: str, directory: str) -> str:
+    """Copy `source/name` into `directory` if it is a regular file in `source`; else say why not.
+
+    A symbolic link is never followed (it could point at /proc/self/environ or a key file,
+    whose contents would then sit in an output that is shared), nor is anything that is
+    not a regular file on the input directory's own file system (a device, a FIFO, a file
+    mounted over the name). The copy is no more readable than the source.
+    """
+    path = os.path.join(source, name)
+    try:
+        before = os.lstat(path)
+        if stat.S_ISLNK(before.st_mode):
+            return "it is a symbolic link (side files are copied only when they are regular files)"
+        if not stat.S_ISREG(before.st_mode) or before.st_dev != os.stat(source).st_dev:
+            return "it is not a regular file in the input directory"
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror})"
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            return "it changed while it was being opened"
+        mode = stat.S_IMODE(opened.st_mode) & 0o644
+        with _new_file(os.path.join(directory, name), mode) as out:
+            shutil.copyfileobj(file, out)
+    return ""
+
+
+@contextlib.contextmanager
+def _new_file(path: str, mode: int) -> Iterator[IO[bytes]]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    with os.fdopen(fd, "wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
 
 
 # ---------------------------------------------------------------- .pt
@@ -479,12 +525,18 @@ class _TreeBuilder:
         last = self.layout.opened[-1].tree
         return self._node(last, ())
 
-    def _averaged(self, path: tuple[str, ...]) -> OrderedDict[str, OutTensor]:
+    def _averaged(self, path: tuple[str, ...]) -> OrderedDict[str, Any]:
         original = get_path(self.layout.opened[-1].tree, path)
         order = list(strip_prefixes(original, self.layout.strip_prefix, ""))
         units = self.layout.names[path]
-        result: OrderedDict[str, OutTensor] = OrderedDict()
+        extras = self.layout.extras.get(path, {})
+        result: OrderedDict[str, Any] = OrderedDict()
         for name in order:
+            if name in extras:  # extra state: the last checkpoint's, as it is
+                copied = self._node(extras[name], (*path, name))
+                if copied is not _DROP:
+                    result[name] = copied
+                continue
             unit = units[name]
             if id(unit) not in self._tensors:
                 self._tensors[id(unit)] = OutTensor(self.storages[id(unit)], unit.shape)
@@ -493,7 +545,10 @@ class _TreeBuilder:
 
     def _node(self, node: Any, path: tuple[str, ...]) -> Any:
         if path in self.layout.names:
-            return self._averaged(path)
+            averaged = self._averaged(path)
+            if isinstance(node, PickledModule) and not isinstance(node.module, Placeholder):
+                return rebuild_module(node.module, averaged, self._node_of_leaf)  # --trust-pickle keeps the module
+            return averaged
         if path in self.layout.choice.others:
             self.dropped.append(f"{_dotted(path)} (state dict not in every selected checkpoint)")
             return _DROP
@@ -539,6 +594,10 @@ class _TreeBuilder:
             return result
         except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
             return dict(items)
+
+    def _node_of_leaf(self, leaf: Any) -> Any:
+        copied = self._node(leaf, ("(module buffer)",))
+        return None if copied is _DROP else copied
 
     def _extra(self, leaf: TensorLeaf) -> OutTensor:
         tie = leaf_tie_key(leaf)

@@ -38,7 +38,7 @@ from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightnin
 from .unpickle import PicklePolicy, check_allow_global
 from .userpath import importable_from_cwd
 from .write import remove_stale_temps
-from .writers import write_output
+from .writers import Written, ordered_visits, write_output
 
 DTYPES = {
     "float32": torch.float32,
@@ -99,14 +99,24 @@ def average_checkpoints(
     *,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    process_group: Any = None,
     **choices: Any,
 ) -> Report:
     """Average the selected checkpoints into OUTPUT and return the report.
 
     Keyword choices are a shortcut for the fields of `Options` and `SelectOptions`:
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
+
+    `process_group` (a `torch.distributed` group of several ranks, each calling this with the
+    same arguments) splits the writing of a directory OUTPUT over its ranks; the output is
+    the same bytes a single process writes.
     """
     options = _merge(options or Options(), choices)
+    if process_group is not None:
+        from .distributed import average_on_ranks, ranks_of
+
+        if ranks_of(process_group).world > 1:
+            return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
     kind = _validate(options, output)
     assert kind is not None
     started = time.monotonic()
@@ -121,13 +131,17 @@ def average_checkpoints(
     advance = progress or (lambda _: None)
 
     def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
-        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
         if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
-            by_name = {v.name: v for v in visits}
-            visits = [by_name[name] for name in order]
+            visits = ordered_visits(layout.visits, order)
+        else:
+            visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
         return run_engine(layout, options, sink, advance, visits, overrides)
 
     written = write_output(output, kind, layout, run.provenance(), options, runner)
+    return _report(run, layout, written, output, started)
+
+
+def _report(run: _Run, layout: Layout, written: Written, output: str, started: float) -> Report:
     report = run.report(dry_run=False)
     report.output = output
     report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
@@ -141,6 +155,11 @@ def average_checkpoints(
     report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
+
+
+def _batchnorm_refused(options: Options, where: str) -> None:
+    if options.bn_model is not None:
+        raise UsageError(f"--bn-model is not supported {where}: run the BatchNorm recompute in one process")
 
 
 def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Digests]:

@@ -587,3 +587,25 @@ def test_a_legacy_whole_model_reads_as_its_zip_twin(tmp_path: Path) -> None:
     assert results[0].keys() == results[1].keys() and results[0]
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert not list(tmp_path.rglob("*.patch"))
+
+
+def test_a_legacy_run_averages_to_the_bytes_of_its_zip_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strided, tied, half-precision and integer tensors beside a Namespace: our legacy reader
+    gives the output a zip reader gives, byte for byte, in both output formats."""
+    outputs = {}
+    for legacy in (True, False):
+        run = tmp_path / ("legacy" if legacy else "zip")
+        (run / "in").mkdir(parents=True)
+        for epoch in range(3):
+            generator = torch.Generator().manual_seed(epoch)
+            weights = {"w": torch.randn(5, 4, generator=generator), "b": torch.randn(5, generator=generator).half()}
+            weights |= {"t": torch.randn(4, 5, generator=generator).t(), "n": torch.arange(3)}
+            weights["tied"] = weights["w"]
+            tree = {"state_dict": weights, "epoch": epoch, "args": argparse.Namespace(lr=0.1)}
+            torch.save(tree, run / "in" / f"epoch={epoch}.pt", _use_new_zipfile_serialization=not legacy)
+        monkeypatch.chdir(run)
+        for name in ("avg.pt", "avg.safetensors"):
+            run_cli("in", "-o", name, "--int-policy", "last")
+            outputs[legacy, name] = (run / name).read_bytes()
+    assert outputs[True, "avg.pt"] == outputs[False, "avg.pt"]
+    assert outputs[True, "avg.safetensors"] == outputs[False, "avg.safetensors"]

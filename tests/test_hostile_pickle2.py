@@ -609,3 +609,29 @@ def test_a_legacy_run_averages_to_the_bytes_of_its_zip_twin(tmp_path: Path, monk
             outputs[legacy, name] = (run / name).read_bytes()
     assert outputs[True, "avg.pt"] == outputs[False, "avg.pt"]
     assert outputs[True, "avg.safetensors"] == outputs[False, "avg.safetensors"]
+
+
+def test_protocol_1_objects_are_rebuilt_by_copyreg_rules(tmp_path: Path) -> None:
+    """Protocols 0 and 1 build objects through copyreg._reconstructor: a Namespace and a dict
+    subclass come back; a half-made C class (dict.__new__(OrderedDict)) never does."""
+    from lightning.fabric.utilities.data import AttributeDict
+
+    meta = {"args": argparse.Namespace(lr=0.1, depth=3), "hparams": AttributeDict(lr=0.1, name="x")}
+    for epoch in range(2):
+        tree = {"state_dict": state_dict(epoch), "epoch": epoch, **meta}
+        torch.save(tree, tmp_path / f"epoch={epoch}.pt", pickle_protocol=1)
+    assert b"_reconstructor" in zipfile.ZipFile(tmp_path / "epoch=0.pt").read("epoch=0/data.pkl")
+    (tmp_path / "out").mkdir()
+    run_cli(tmp_path, "-o", tmp_path / "out" / "avg.pt")
+    out = torch.load(tmp_path / "out" / "avg.pt", weights_only=False)
+    assert out["args"] == meta["args"] and out["hparams"] == meta["hparams"]
+    assert type(out["hparams"]) is AttributeDict
+    half_made = call(G("copyreg", "_reconstructor"), G("collections", "OrderedDict"), G("builtins", "dict"), b"}")
+    (tmp_path / "bad").mkdir()
+    refused_in_average(tmp_path / "bad", zip_with(half_made), "not a plain subclass of its base")
+
+
+def test_a_pickle_cannot_plant_a_reduce_method_in_an_object(tmp_path: Path) -> None:
+    """`__reduce_ex__` in a Namespace's __dict__ would be called when the output is written."""
+    planted = G("argparse", "Namespace") + b")\x81}(" + text("__reduce_ex__") + G("builtins", "list") + b"ub"
+    refused_in_average(tmp_path, zip_with(planted), "not a dict of plain attribute names")

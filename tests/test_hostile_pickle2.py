@@ -635,3 +635,22 @@ def test_a_pickle_cannot_plant_a_reduce_method_in_an_object(tmp_path: Path) -> N
     """`__reduce_ex__` in a Namespace's __dict__ would be called when the output is written."""
     planted = G("argparse", "Namespace") + b")\x81}(" + text("__reduce_ex__") + G("builtins", "list") + b"ub"
     refused_in_average(tmp_path, zip_with(planted), "not a dict of plain attribute names")
+
+
+def test_a_view_that_expands_a_tiny_storage_to_terabytes_is_refused(tmp_path: Path) -> None:
+    """One float expanded to 2**40 elements: averaged, the output would be 4 TB."""
+    data = saved(legacy=False, hyper=torch.zeros(1).expand(2, 3))
+    small = b"K\x02K\x03\x86"  # the (2, 3) size: BININT1 BININT1 TUPLE2
+    assert data.count(small) == 1
+    huge = integer(1 << 20) + integer(1 << 20) + b"\x86"
+    bad = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as old, zipfile.ZipFile(bad, "w") as new:
+        for info in old.infolist():
+            record = old.read(info)
+            new.writestr(info.filename, record.replace(small, huge) if info.filename.endswith("data.pkl") else record)
+    refused_in_average(tmp_path, bad.getvalue(), "more than 1,073,741,824 bytes beyond what the file holds")
+    (tmp_path / "ok").mkdir()
+    for epoch in range(2):  # a small expansion averages as before
+        (tmp_path / "ok" / f"e{epoch}.pt").write_bytes(saved(False, epoch, torch.zeros(1).expand(2, 3)))
+    run_cli(tmp_path / "ok", "-o", tmp_path / "ok.pt")
+    assert torch.equal(torch.load(tmp_path / "ok.pt", weights_only=True)["hyper_parameters"], torch.zeros(2, 3))

@@ -10,8 +10,11 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 
 from __future__ import annotations
 
-import hashlib
+import os
+import re
+import shlex
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,17 +22,21 @@ from typing import Any
 import torch
 
 from . import __version__
-from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
+from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
+from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
-from .errors import UsageError
-from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .errors import CheckpointError, CkptAvgError, UsageError
+from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
+from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
+from .modules import pickled_modules
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, validate_options
-from .sources import OpenedCheckpoint, content_meta, open_checkpoint
+from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
-from .unpickle import PicklePolicy, check_allow_global, importable_from_cwd
+from .unpickle import PicklePolicy, check_allow_global
+from .userpath import importable_from_cwd
 from .write import remove_stale_temps
 from .writers import write_output
 
@@ -68,11 +75,12 @@ class Options:
     allow_global: tuple[str, ...] = ()
     force: bool = False
     max_shard_size: str | None = None
-    hash_files: bool = True
+    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
     bn_model: str | None = None  # MODULE:CALLABLE returning the model
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
     bn_batch_size: int = 32
     bn_batches: int | None = None
+    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -99,35 +107,60 @@ def average_checkpoints(
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
     """
     options = _merge(options or Options(), choices)
-    _validate(options, output)
+    kind = _validate(options, output)
+    assert kind is not None
     started = time.monotonic()
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(output)
+    layout = run.layout(kind, output)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
     overrides = _batchnorm(run, layout, options)
     advance = progress or (lambda _: None)
 
-    def runner(sink: Any, primary_only: bool) -> Digests:
+    def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
         visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+        if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
+            by_name = {v.name: v for v in visits}
+            visits = [by_name[name] for name in order]
         return run_engine(layout, options, sink, advance, visits, overrides)
 
-    written = write_output(output, layout, run.provenance(), options, runner)
+    written = write_output(output, kind, layout, run.provenance(), options, runner)
     report = run.report(dry_run=False)
     report.output = output
-    report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
+    report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
     report.output_digest = written.output_digest
+    report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
-    report.parameters = sum(u.numel for u in layout.primary_units if u.kind == "float")
+    report.parameters = parameter_count(layout)
     report.tensors = len(layout.primary_names)
     report.placeholders = sorted(run.placeholders)
-    report.dropped = written.dropped
+    report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
+
+
+def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Digests]:
+    """The tensor digests an average of `inputs` would have, computed without writing anything.
+
+    `verify --recompute` compares them with an output's provenance; only the digested
+    (primary) state dict is averaged.
+    """
+    _validate(options)
+    run = _Run(inputs, options)
+    run.open_selected()
+    layout = run.layout(OutputKind.SAFETENSORS)
+    overrides = _batchnorm(run, layout, options)
+    digests = run_engine(layout, options, _Discard(), lambda _: None, [v for v in layout.visits if v.digest], overrides)
+    return run.report(dry_run=False), digests
+
+
+class _Discard:
+    def write(self, unit: Any, start: int, data: torch.Tensor) -> None:
+        pass
 
 
 def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.Tensor]:
@@ -157,6 +190,20 @@ def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.T
         warn=run.warnings.append,
     )
     return recomputed
+
+
+def parameter_count(layout: Layout) -> int:
+    """Floating-point values averaged, without BatchNorm running statistics (buffers, not parameters)."""
+    statistics = {layer + stat for layer in batchnorm_layers(layout.primary_names) for stat in _BN_STATISTICS}
+    primary = layout.names[layout.choice.primary]
+    return sum(
+        unit.numel
+        for unit in layout.primary_units
+        if unit.kind == "float" and not any(n in statistics for n in unit.names if n in primary)
+    )
+
+
+_BN_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_layers(names: Sequence[str]) -> list[str]:
@@ -193,8 +240,8 @@ def _merge(options: Options, choices: dict[str, Any]) -> Options:
     return Options(**values)
 
 
-def _validate(options: Options, output: str | None = None) -> None:
-    """Usage errors, found before any file is opened."""
+def _validate(options: Options, output: str | None = None) -> OutputKind | None:
+    """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
@@ -224,8 +271,9 @@ def _validate(options: Options, output: str | None = None) -> None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
-    if output is not None:
-        validate_output_name(output, max_shard_size=options.max_shard_size)
+    if output is None:
+        return None
+    return validate_output_name(output, max_shard_size=options.max_shard_size)
 
 
 def check_device(device: str) -> None:
@@ -243,14 +291,6 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Run:
     """One invocation's state between the stages."""
 
@@ -261,32 +301,51 @@ class _Run:
         self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
         self.warnings: list[str] = []
         self.placeholders: set[str] = set()
-        self.candidates = [self._candidate(ref) for ref in self.discovery.refs]
+        self.candidates = self._candidates()
         self.plan = make_plan(self.candidates, options.select)
+        refuse_unindexed_order(
+            self.plan, [name for name, value in (("--ema", options.ema), ("--weights", options.weights)) if value]
+        )
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
+        self.second_models: list[str] = []
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
             self._opened[ref.display] = open_checkpoint(ref, self.policy)
         return self._opened[ref.display]
 
-    def _candidate(self, ref: CheckpointRef) -> Candidate:
+    def _candidates(self) -> list[Candidate]:
+        notes: list[str] = []
+        neighbours: dict[str, list[str]] = defaultdict(list)
+        for ref in self.discovery.refs:
+            head, name = os.path.split(ref.display.rstrip("/"))
+            neighbours[head].append(name)
+        candidates = [
+            candidate_from(ref, self._meta(ref), neighbours[os.path.split(ref.display.rstrip("/"))[0]], notes)
+            for ref in self.discovery.refs
+        ]
+        self.warnings.extend(notes)
+        return mark_copies(candidates, self._open, self.options.key)
+
+    def _meta(self, ref: CheckpointRef) -> ContentMeta | None:
+        """The contents' indices: needed where the name has none, read anyway where cheap."""
         info = ref.name
         metric = self.options.select.metric
         needs_contents = (
-            (info.epoch is None and info.step is None)
+            (info.epoch is None and info.step is None and info.save is None)
             or info.is_alias
+            or info.dash_file
             or (metric is not None and metric not in info.metrics)
             or (self.options.select.by == "step" and info.step is None)
             or (self.options.select.by == "epoch" and info.epoch is None)
         )
-        if not needs_contents:
-            return Candidate(ref, info.epoch, info.step, dict(info.metrics))
-        meta = content_meta(self._open(ref))
-        epoch = info.epoch if info.epoch is not None else meta.epoch
-        step = info.step if info.step is not None else meta.step
-        return Candidate(ref, epoch, step, {**meta.metrics, **info.metrics})
+        if needs_contents:
+            return content_meta(self._open(ref))
+        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+            return content_meta(self._open(ref)) if cheap_to_open(ref) else None
+        except CkptAvgError:
+            return None  # read again, with its error, only if selected
 
     def open_selected(self) -> None:
         self.selected_opened = [self._open(c.ref) for c in self.plan.selected]
@@ -298,6 +357,9 @@ class _Run:
             self.warnings.append(self.choice.warning)
         if self.placeholders and not self.options.trust_pickle:
             self.warnings.extend(placeholder_warnings(self.placeholders))
+        self.second_models = second_models([c.ref for c in self.plan.selected])
+        if self.second_models:
+            self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
         if any(o.legacy for o in self.selected_opened):
@@ -310,11 +372,10 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, output: str) -> Layout:
+    def layout(self, kind: OutputKind, output: str = "avg.pt") -> Layout:
         assert self.choice is not None
-        keeps_structure = output.lower().endswith(PYTORCH_SUFFIXES) and not output.endswith("/")
         paths = [self.choice.primary]
-        if keeps_structure:
+        if kind.keeps_structure:
             for other in self.choice.others:
                 if all(has_state_dict(o.tree, other) for o in self.selected_opened):
                     paths.append(other)
@@ -322,8 +383,10 @@ class _Run:
                     self.warnings.append(
                         f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
                     )
+        if kind.keeps_structure and not self.options.trust_pickle:
+            refuse_pickled_modules(self.selected_opened[-1], paths, output)
         out_dtype = DTYPES[self.options.dtype] if self.options.dtype else None
-        return build_layout(
+        layout = build_layout(
             self.selected_opened,
             self.choice,
             paths,
@@ -331,14 +394,25 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
+        extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
+        if extras:
+            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
+            self.warnings.append(
+                f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
+                f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"
+                f" not averaged, {fate}"
+            )
+        return layout
 
     def provenance(self) -> dict[str, Any]:
         select = self.options.select
         weights = self._weights()
         return {
             "tool": "ckpt-avg",
+            "format_version": FORMAT_VERSION,
             "version": __version__,
             "by": self.plan.by,
+            "state_dict": list(self.choice.primary) if self.choice else [],  # where the digested tensors are
             "inputs": [
                 {"path": c.ref.display, "epoch": c.epoch, "step": c.step, "weight": w}
                 for c, w in zip(self.plan.selected, weights, strict=True)
@@ -359,6 +433,10 @@ class _Run:
                 "accum_dtype": self.options.accum_dtype,
                 "int_policy": self.options.int_policy,
                 "allow_nonfinite": self.options.allow_nonfinite,
+                "bn_model": self.options.bn_model,
+                "bn_data": self.options.bn_data,
+                "bn_batch_size": self.options.bn_batch_size,
+                "bn_batches": self.options.bn_batches,
             },
         }
 
@@ -397,6 +475,61 @@ class _Run:
             other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
             warnings=list(self.warnings),
         )
+
+
+_SECOND_MODEL = re.compile(r"^(?:model|pytorch_model)_([0-9]+)\.(?:safetensors|bin)$")
+
+
+def second_models(refs: Sequence[CheckpointRef]) -> list[str]:
+    """A warning naming the models beside the first in accelerate's save_state() directories
+    (`model_1.safetensors`: a GAN's discriminator, a student), and one entry per model left out.
+
+    Only the first model is averaged; the warning gives the command that averages another.
+    """
+    directories = [r for r in refs if r.is_directory]
+    if not directories:
+        return []
+    names = sorted(
+        (n for n in _listing(directories[-1].display) if _SECOND_MODEL.match(n)),
+        key=lambda n: int(_SECOND_MODEL.match(n).group(1)),  # type: ignore[union-attr]
+    )
+    if not names:
+        return []
+    files = " ".join(shlex.quote(os.path.join(r.display, names[0])) for r in refs)
+    first = os.path.basename(refs[-1].files[0])
+    warning = (
+        f"{directories[-1].display} holds {len(names) + 1} models; only the first ({first}) is averaged,"
+        f" LEFT OUT: {', '.join(names)}; average {names[0]} with: ckpt-avg {files}"
+        f" -o {os.path.splitext(names[0])[0]}_avg.safetensors"
+    )
+    return [warning] + [f"{name} (a second model in each checkpoint directory)" for name in names]
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def refuse_pickled_modules(last: OpenedCheckpoint, paths: Sequence[tuple[str, ...]], output: str) -> None:
+    """A .pt output keeps a whole pickled model only when its class may be imported."""
+    for where, module in pickled_modules(last.tree):
+        path = () if where == "(top level)" else (where,)
+        if path in paths:
+            raise CheckpointError(
+                f"{last.ref.display}: {where} is a whole pickled model ({module.class_name}); its tensors are"
+                " averaged without importing that class, but a .pt output would have to rebuild the object:"
+                f" write a state dict for load_state_dict with -o {_stem(output)}.safetensors, or add --trust-pickle"
+                " for files you trust (it imports the class and runs their code) to keep the model in a .pt file"
+            )
+
+
+def _stem(output: str) -> str:
+    for suffix in (*PYTORCH_SUFFIXES, ".safetensors"):
+        if output.lower().endswith(suffix):
+            return output[: -len(suffix)]
+    return output
 
 
 def placeholder_warnings(placeholders: set[str]) -> list[str]:
@@ -441,6 +574,7 @@ def engine_options(options: Options, count: int, overrides: dict[str, torch.Tens
         int_policy=options.int_policy,
         allow_nonfinite=options.allow_nonfinite,
         overrides=overrides or {},
+        budgets=options.budgets,
     )
 
 

@@ -21,10 +21,8 @@ import importlib
 import inspect
 import itertools
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from .errors import CheckpointError, CkptAvgError, UsageError
+from .userpath import importable_from_cwd
 
 __all__ = ["BatchNormError", "recompute_batchnorm", "update_batchnorm", "validate_specs"]
 
@@ -83,7 +82,7 @@ def recompute_batchnorm(
     data_spec = validate_specs(model_spec, data_spec)
     model_factory = _parse_callable_spec(model_spec, "--bn-model")
     data_factory = None if _is_data_file(data_spec) else _parse_callable_spec(data_spec, "--bn-data")
-    with _current_dir_importable():
+    with importable_from_cwd():
         model = _build_model(model_factory, model_spec, hyper_parameters)
         _load_averaged(model, state_dict, model_spec)
         if not _batchnorm_modules(model):
@@ -358,7 +357,7 @@ def _split_spec(spec: str, option: str) -> tuple[str, str]:
 def _parse_callable_spec(spec: str, option: str) -> Any:
     """Import MODULE and return its attribute CALLABLE (dotted names allowed on both sides)."""
     module_name, attribute = _split_spec(spec, option)
-    with _current_dir_importable():
+    with importable_from_cwd():
         module = _import(module_name, spec, option)
     target: Any = module
     for part in attribute.split("."):
@@ -391,21 +390,6 @@ def _import(module_name: str, spec: str, option: str) -> Any:
         ) from error
     except Exception as error:  # importing the user's module can raise anything
         raise BatchNormError(f"{option} {spec}: importing {module_name!r} failed: {_describe(error)}") from error
-
-
-@contextmanager
-def _current_dir_importable() -> Iterator[None]:
-    """The current directory first on sys.path while the user's code runs, as `python -m` has it."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()  # a module written since the last import must be found
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def _describe(error: BaseException) -> str:

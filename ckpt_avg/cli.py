@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .api import Options, average_checkpoints, plan_checkpoints
+from .cli_options import StrictCommand
 from .errors import CkptAvgError, SelectionError
 from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
@@ -29,6 +30,7 @@ Examples:
 
   ckpt-avg inspect ckpts/ shows the run (weight drift, metrics) and suggests --start;
   see ckpt-avg inspect --help.
+  ckpt-avg verify avg.pt checks an output against its provenance; see ckpt-avg verify --help.
 """
 
 
@@ -50,6 +52,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @click.command(
+    cls=StrictCommand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
@@ -311,10 +314,14 @@ def _errors(*, debug: bool) -> Iterator[None]:
 
 
 def entry() -> None:
-    """Console entry point: `ckpt-avg inspect ...` is its own command; anything else averages."""
+    """Console entry point: `ckpt-avg inspect ...` and `verify ...` are their own commands; anything else averages."""
     if sys.argv[1:2] == ["inspect"]:
         from .inspect_cli import inspect_command
 
         inspect_command(args=sys.argv[2:], prog_name="ckpt-avg inspect")
+    elif sys.argv[1:2] == ["verify"]:
+        from .verify_cli import verify_command
+
+        verify_command(args=sys.argv[2:], prog_name="ckpt-avg verify")
     else:
         main()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import DiscoveryError, UsageError
-from .naming import NameInfo, checkpoint_suffix, parse_name
+from .naming import NameInfo, checkpoint_suffix, natural_key, parse_name
 
 HF_WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -33,8 +33,8 @@ class CheckpointRef:
     display: str  # as the user gave it, joined with the found name: recorded in provenance
     files: tuple[str, ...]  # the weight files to read (shards in order for a directory)
     is_directory: bool
-    explicit: bool  # named on the command line rather than found in a directory
-    order: int  # position among what was found, for files that carry no index
+    explicit: bool  # named one by one on the command line, not found in a directory or by a glob
+    order: int  # position among what was found (natural order within a directory or glob)
     size: int
     name: NameInfo = field(default_factory=NameInfo)
 
@@ -135,10 +135,11 @@ def _expand(argument: str) -> list[tuple[str, bool]]:
     if os.path.lexists(argument):
         return [(argument, True)]
     if _GLOB_CHARS & set(argument):
-        matches = sorted(globbing.glob(argument, recursive=True))
+        matches = sorted(globbing.glob(argument, recursive=True), key=natural_key)
         if not matches:
             raise UsageError(f"INPUT pattern {argument!r} matches nothing")
-        return [(m, True) for m in matches]
+        # A glob's matches were not named one by one: their order is not the user's choice.
+        return [(m, False) for m in matches]
     raise UsageError(f"INPUT {argument!r} does not exist")
 
 
@@ -158,7 +159,7 @@ class _Found:
         if not top and not recursive:
             return
         try:
-            entries = sorted(os.listdir(directory))
+            entries = sorted(os.listdir(directory), key=natural_key)
         except OSError as exc:
             raise DiscoveryError(f"{directory}: cannot list directory: {exc.strerror}") from None
         for entry in entries:
@@ -171,6 +172,8 @@ class _Found:
                 self.add_directory(path, explicit=False, recursive=recursive, top=False)
             elif checkpoint_suffix(entry) or os.path.islink(path):
                 self.add_file(path, explicit=False)
+            elif entry.lower().endswith(".nemo"):
+                self.skipped.append(Skipped(path, nemo_hint(path), _size(path)))
 
     def add_file(self, path: str, *, explicit: bool) -> None:
         name = os.path.basename(path)
@@ -178,6 +181,11 @@ class _Found:
             self.skipped.append(Skipped(path, "broken or looping symbolic link"))
             return
         if checkpoint_suffix(name) is None:
+            if name.lower().endswith(".nemo"):
+                if explicit:
+                    raise DiscoveryError(f"{path}: {nemo_hint(path)}")
+                self.skipped.append(Skipped(path, nemo_hint(path), _size(path)))
+                return
             if explicit:
                 raise DiscoveryError(
                     f"{path}: not a checkpoint file name (expected .pt .pth .ckpt .bin .pth.tar .safetensors)"
@@ -238,6 +246,15 @@ class _Found:
             self.skipped.append(Skipped(old.display, f"same file as {new.display}", old.size))
         else:
             self.skipped.append(Skipped(new.display, f"same file as {old.display}", new.size))
+
+
+def nemo_hint(path: str) -> str:
+    """What to do with a NeMo archive: its weights are one member of the tar file."""
+    target = os.path.splitext(path)[0] + "_weights"
+    return (
+        "a NeMo .nemo archive (a tar file); extract its weights first: mkdir "
+        f"{target} && tar -xf {path} -C {target} ./model_weights.ckpt, then average the model_weights.ckpt files"
+    )
 
 
 def _exists_but_irregular(path: str) -> bool:

@@ -8,6 +8,7 @@ among the inputs is recognised and left out instead of being averaged again.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -27,8 +28,34 @@ def is_directory_output(output: str) -> bool:
     return output.endswith(("/", os.sep)) or os.path.isdir(output)
 
 
-def validate_output_name(output: str, *, max_shard_size: str | None) -> None:
-    """Usage errors in OUTPUT and --max-shard-size, before anything is read."""
+class OutputKind(enum.Enum):
+    """What OUTPUT is, decided once (in validation) and handed to the stages that need it."""
+
+    PYTORCH = "pt"  # .pt .pth .pth.tar .ckpt .bin: the last checkpoint's structure, averaged in place
+    SAFETENSORS = "safetensors"  # one flat file
+    HF_DIRECTORY = "hf"  # DIR/: model.safetensors, or shards and their index
+
+    @property
+    def keeps_structure(self) -> bool:
+        return self is OutputKind.PYTORCH
+
+
+def output_kind(output: str) -> OutputKind:
+    """The kind of OUTPUT, from its name (or an existing directory); a usage error if none."""
+    if is_directory_output(output):
+        return OutputKind.HF_DIRECTORY
+    if output.lower().endswith(".safetensors"):
+        return OutputKind.SAFETENSORS
+    if output.lower().endswith(PYTORCH_SUFFIXES):
+        return OutputKind.PYTORCH
+    raise UsageError(
+        f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin"
+        " or / for a directory"
+    )
+
+
+def validate_output_name(output: str, *, max_shard_size: str | None) -> OutputKind:
+    """Usage errors in OUTPUT and --max-shard-size, before anything is read; the output's kind."""
     from .write import parse_size
 
     directory = is_directory_output(output)
@@ -39,17 +66,14 @@ def validate_output_name(output: str, *, max_shard_size: str | None) -> None:
             raise UsageError(f"--max-shard-size: {exc}") from None
         if not directory:
             raise UsageError("--max-shard-size needs a directory OUTPUT (end it with /)")
-    if not directory and not output.lower().endswith(OUTPUT_SUFFIXES):
-        raise UsageError(
-            f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin"
-            " or / for a directory"
-        )
+    kind = output_kind(output)
     parent = os.path.dirname(output.rstrip("/")) or "."
     if not os.path.isdir(parent):
         blocking = _first_non_directory(parent)
         if blocking is not None:
             raise UsageError(f"OUTPUT {output!r}: {blocking!r} is a file, not a directory")
         raise UsageError(f"OUTPUT {output!r}: directory {parent!r} does not exist")
+    return kind
 
 
 def _first_non_directory(path: str) -> str | None:

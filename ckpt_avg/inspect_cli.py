@@ -14,6 +14,7 @@ import click
 from .api import Options
 from .cli import _errors
 from .cli import main as _average_command
+from .cli_options import StrictCommand
 from .errors import UsageError
 from .inspect import DEFAULT_BAND, inspect_checkpoints, inspection_table, plot_inspection, require_matplotlib
 from .report import terminal_safe
@@ -34,6 +35,7 @@ SHARED_OPTIONS = (
 
 
 @click.command(
+    cls=StrictCommand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EPILOG,
 )
@@ -47,7 +49,9 @@ SHARED_OPTIONS = (
     help="Width of the settled band, as a multiple of the tail's median drift/prev. Example: --band 2",
 )
 @click.option(
-    "--plot", metavar="FILE.png", help="Also draw drift and metrics against the index. Example: --plot drift.png"
+    "--plot",
+    metavar="FILE.png",
+    help="Also draw drift, metrics and learning rate against the index. Example: --plot drift.png",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on stderr but errors.")
@@ -56,16 +60,22 @@ def inspect_command(**params: Any) -> None:
     """Show every checkpoint of a run, how far its weights moved, and where to start averaging.
 
     For each checkpoint the options keep (in index order t = 0..T, w[t] all its float
-    tensors): metrics found in the name or contents, drift/prev = ||w[t] - w[t-1]|| /
-    ||w[t-1]|| and drift/last = ||w[t] - w[T]|| / ||w[T]|| (L2, streamed tensor by tensor,
-    summed in float64; nothing is written).
+    tensors): metrics found in the name or contents, the learning rate stored with it
+    (optimizer or scheduler state, a Trainer's trainer_state.json; never tensor data),
+    drift/prev = ||w[t] - w[t-1]|| / ||w[t-1]|| and drift/last = ||w[t] - w[T]|| / ||w[T]||
+    (L2, streamed tensor by tensor, summed in float64; nothing is written).
 
     \b
-    Suggested --start: let m be the median drift/prev of the tail (the last quarter
-    of the steps, at least 2). The suggestion is the checkpoint ending the LAST step
-    whose drift/prev exceeds FACTOR * m (--band, default 1.5), or the first checkpoint
-    if none does: from there on the weights move no more than at the end of the run.
-    It is printed as a ready `ckpt-avg --start N INPUT... -o avg.pt`; 4 checkpoints at least.
+    Suggested --start, printed as a ready `ckpt-avg --start N INPUT... -o avg.pt`:
+    - by the learning rate where it has a schedule: the first checkpoint from which
+      it keeps its final value (the end of SWALR's annealing, a step schedule's last
+      drop), else the start of its last cycle;
+    - else by the drift: let m be the median drift/prev of the tail (the last quarter
+      of the steps, at least 2); the checkpoint ending the LAST step whose drift/prev
+      exceeds FACTOR * m (--band, default 1.5), or the first if none does. None when
+      the weights still drift along a straight line (straightness >= 0.9) or each
+      step is as long as the weights. 4 checkpoints at least.
+    Where the two rules disagree, both are shown.
     """
     with _errors(debug=params["debug"]):
         _run(params)

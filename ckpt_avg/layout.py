@@ -7,7 +7,7 @@ format-independent), with every key, shape and dtype check done before any tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from .average import Unit, Visit, classify
 from .errors import CheckpointError, MismatchError
 from .lazy import TensorLeaf, leaf_numel, leaf_shape, leaf_tie_key
 from .sources import OpenedCheckpoint
-from .statedict import StateDictChoice, dotted, get_path
+from .statedict import StateDictChoice, dotted, get_path, is_extra_entry
 from .torchfile import UnsupportedTensor
 
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -35,6 +35,8 @@ class Layout:
     input_bytes: int
     warnings: list[str]
     strip_prefix: tuple[str, ...] = ()
+    # Per state-dict path: the last checkpoint's non-tensor entries (extra state), copied as they are.
+    extras: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def primary_units(self) -> list[Unit]:
@@ -143,8 +145,11 @@ def build_layout(
     names: dict[tuple[str, ...], dict[str, Unit]] = {}
     visits: list[Visit] = []
     computed: set[int] = set()
+    extras: dict[tuple[str, ...], dict[str, Any]] = {}
     for path in paths:
         dicts = [strip_prefixes(_state_dict_at(o, path, files[-1]), strip_prefix, o.ref.display) for o in opened]
+        extras[path] = {k: v for k, v in dicts[-1].items() if is_extra_entry(k)}
+        dicts = [{k: v for k, v in sd.items() if not is_extra_entry(k)} for sd in dicts]
         _check_keys(dicts, files, path)
         names[path] = {}
         for name in sorted(dicts[-1]):
@@ -153,7 +158,8 @@ def build_layout(
             names[path][name] = unit
             first = id(unit) not in computed
             computed.add(id(unit))
-            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary))
+            where = "" if path == choice.primary else dotted(path)
+            visits.append(Visit(name, unit, compute=first, digest=path == choice.primary, where=where))
     _check_zero3(names[choice.primary], files[-1])
     _warn_mixed_dtypes(names[choice.primary], files, out_dtype, warnings)
     input_bytes = sum(_input_bytes(v.unit) for v in visits if v.compute)
@@ -167,6 +173,7 @@ def build_layout(
         input_bytes,
         warnings,
         strip_prefix,
+        extras,
     )
 
 

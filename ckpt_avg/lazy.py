@@ -13,7 +13,8 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -26,14 +27,63 @@ def itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
+def _descriptor_limit() -> int:
+    """How many input files may be open at once: a quarter of the soft limit, so that any
+    number of checkpoints runs under `ulimit -n 256` (the macOS default) with room to spare."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        unlimited = soft == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # no `resource` module (Windows)
+        soft, unlimited = 256, False
+    return 1024 if unlimited or soft <= 0 else max(8, min(1024, soft // 4))
+
+
+class _OpenFiles:
+    """The named input files with an open descriptor, least recently used first.
+
+    A descriptor in use by a read is pinned; only unpinned ones are closed to make room.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # Weak: a reader no longer referenced closes its own descriptor (weakref.finalize).
+        self.readers: OrderedDict[int, weakref.ref[FileReader]] = OrderedDict()
+        self.limit = _descriptor_limit()
+
+    def make_room(self, keep: FileReader) -> None:
+        """Close least recently used descriptors until one more fits (called under `lock`)."""
+        for key in list(self.readers):
+            reader = self.readers[key]()
+            if reader is None or reader._fd is None:
+                del self.readers[key]
+        for key in list(self.readers):
+            if len(self.readers) < self.limit:
+                return
+            reader = self.readers[key]()
+            if reader is not None and reader is not keep and reader._pins == 0:
+                del self.readers[key]
+                reader._close_descriptor()
+
+
+_OPEN_FILES = _OpenFiles()
+
+
 class FileReader:
-    """Positional reads from one file, safe to share between threads."""
+    """Positional reads from one file, safe to share between threads.
+
+    A named file's descriptor is opened on first read and may be closed again when other
+    files need the room: thousands of checkpoints never exhaust the open-file limit.
+    """
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self._fd: int | None = None
         self._closer: weakref.finalize[Any, FileReader] | None = None
         self._lock = threading.Lock()
+        self._pins = 0
+        self._named = fd is None
         if fd is not None:  # an unnamed temporary file: it is gone once closed
             self._adopt(fd)
         self.size = os.fstat(fd).st_size if fd is not None else os.path.getsize(path)
@@ -45,11 +95,33 @@ class FileReader:
         self._closer = weakref.finalize(self, os.close, fd)
         return fd
 
-    def _descriptor(self) -> int:
-        with self._lock:
+    @contextlib.contextmanager
+    def _descriptor(self) -> Iterator[int]:
+        """An open descriptor, pinned for the duration of the block."""
+        if not self._named:
+            assert self._fd is not None
+            yield self._fd
+            return
+        with _OPEN_FILES.lock:
             if self._fd is None:
-                return self._adopt(os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
-            return self._fd
+                _OPEN_FILES.make_room(self)
+                self._adopt(os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+            _OPEN_FILES.readers[id(self)] = weakref.ref(self)
+            _OPEN_FILES.readers.move_to_end(id(self))
+            self._pins += 1
+            fd = self._fd
+            assert fd is not None
+        try:
+            yield fd
+        finally:
+            with _OPEN_FILES.lock:
+                self._pins -= 1
+
+    def _close_descriptor(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+        self._fd = None
 
     def read_into(self, buffer: torch.Tensor, offset: int) -> None:
         """Fill a contiguous uint8 CPU tensor with the bytes at `offset`."""
@@ -62,19 +134,19 @@ class FileReader:
         if nbytes == 0:
             return
         view = buffer.numpy().data.cast("B")
-        fd = self._descriptor()
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{self.path}: file ended while reading tensor data")
-            done += got
+        with self._descriptor() as fd:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: file ended while reading tensor data")
+                done += got
 
     def prefetch(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading a range we will need soon (no effect if cached)."""
         if nbytes > 0 and hasattr(os, "posix_fadvise"):
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._descriptor(), offset, nbytes, os.POSIX_FADV_WILLNEED)
+            with contextlib.suppress(OSError), self._descriptor() as fd:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def read(self, offset: int, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -82,11 +154,9 @@ class FileReader:
         return buffer
 
     def close(self) -> None:
-        with self._lock:
-            if self._closer is not None:
-                self._closer()
-                self._closer = None
-            self._fd = None
+        with _OPEN_FILES.lock:
+            _OPEN_FILES.readers.pop(id(self), None)
+            self._close_descriptor()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ class Report:
     other_state_dicts: list[str] = field(default_factory=list)
     output: str | None = None
     files: list[FileRecord] = field(default_factory=list)
-    output_digest: str | None = None
+    output_digest: str | None = None  # checkpoint digest of the output's tensors, in `digest_scheme`
+    digest_scheme: str | None = None
     parameters: int = 0
     tensors: int = 0
     seconds: float = 0.0
@@ -111,8 +112,8 @@ def human_size(size: int) -> str:
 
 def plan_table(report: Report) -> str:
     """Every candidate with its index, size and whether it is selected (or why not)."""
-    numbered = report.by == "order"
-    header = ("", "#" if numbered else "", "epoch", "step", "size", "file", "")
+    numbered = report.by in ("order", "save")
+    header = ("", "save" if report.by == "save" else "#" if numbered else "", "epoch", "step", "size", "file", "")
     rows = [header]
     for c in report.candidates:
         mark = "*" if c.selected else "-"
@@ -133,7 +134,10 @@ def plan_table(report: Report) -> str:
     ]
     lines = [line.rstrip() for line in lines]
     chosen = len(report.selected)
-    order = "in the order given" if numbered else f"ordered by {report.by}"
+    order = {
+        "order": "in the order given, names in natural order (no epoch or step)",
+        "save": "ordered by save count (accelerate's checkpoint_N)",
+    }.get(report.by, f"ordered by {report.by}")
     lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, {order}")
     if report.state_dict_key is not None:
         others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""

@@ -6,6 +6,7 @@ Every candidate ends up in the plan, selected or with the reason it was left out
 from __future__ import annotations
 
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class Candidate:
             return self.epoch
         if by == "step":
             return self.step
+        if by == "save":
+            return self.ref.name.save
         return self.ref.order
 
 
@@ -64,7 +67,7 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class Plan:
-    by: str  # "epoch", "step", or "order" (explicit files without an index)
+    by: str  # "epoch", "step", "save" (accelerate's save count) or "order" (no index)
     entries: tuple[PlanEntry, ...]
 
     @property
@@ -111,6 +114,12 @@ def make_plan(candidates: Sequence[Candidate], options: SelectOptions) -> Plan:
     regular = [c for c in candidates if not c.is_alias]
     aliases = [c for c in candidates if c.is_alias]
     by, skipped = _index_kind(regular or aliases, options.by)
+    if by == "order":
+        refuse_unindexed_order(
+            Plan(by, tuple(PlanEntry(c, None) for c in candidates)),
+            [name for name, value in (("--start", options.start), ("--end", options.end), ("--last", options.last))
+             if value is not None],
+        )  # fmt: skip
     entries: list[PlanEntry] = [PlanEntry(c, c.index(by), reason) for c, reason in skipped]
     kept = [c for c in (regular or aliases) if c not in {s for s, _ in skipped}]
     if regular:
@@ -137,7 +146,7 @@ def make_plan(candidates: Sequence[Candidate], options: SelectOptions) -> Plan:
 
 def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[tuple[Candidate, str]]]:
     """Pick epoch or step (or command-line order), and drop superseded mid-epoch files."""
-    kinds = [by] if by else ["epoch", "step"]
+    kinds = [by] if by else ["epoch", "step", "save"]
     problems: list[str] = []
     for kind in kinds:
         skipped = _superseded_mid_epoch(candidates) if kind == "epoch" else []
@@ -150,13 +159,42 @@ def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[
         collisions = {i: cs for i, cs in groups.items() if len(cs) > 1}
         if not missing and not collisions:
             return kind, skipped
-        problems.append(_describe(kind, missing, collisions))
-    if not by and all(c.epoch is None and c.step is None and c.ref.explicit for c in candidates):
+        if kind != "save" or len(missing) < len(candidates):
+            problems.append(_describe(kind, missing, collisions))
+    if not by and all(c.epoch is None and c.step is None and c.ref.name.save is None for c in candidates):
+        if all(c.is_alias for c in candidates) and not all(c.ref.explicit for c in candidates):
+            names = " ".join(shlex.quote(c.ref.display) for c in candidates)
+            raise SelectionError(
+                "only copies that libraries write beside a run's checkpoints were found"
+                f" ({', '.join(c.ref.display for c in candidates)}), no epochs to select from;"
+                f" to average these very files, name them: ckpt-avg {names} -o OUTPUT"
+            )
         return "order", []
     raise SelectionError(
         "cannot order the checkpoints: "
         + "; ".join(problems)
         + (". Choose the index with --by epoch|step, or narrow the inputs with --glob" if not by else "")
+    )
+
+
+def unindexed_found(plan: Plan) -> list[Candidate]:
+    """Candidates in command-line or natural order that were found, not named one by one."""
+    if plan.by != "order":
+        return []
+    return [e.candidate for e in plan.entries if not e.candidate.ref.explicit]
+
+
+def refuse_unindexed_order(plan: Plan, options: Sequence[str]) -> None:
+    """Never a silent order: options that need an order refuse names that carry none."""
+    found = unindexed_found(plan)
+    if not found or not options:
+        return
+    names = ", ".join(c.ref.display for c in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise SelectionError(
+        f"{' and '.join(options)} {'needs' if len(options) == 1 else 'need'} an order, but {names} carry no epoch"
+        " or step in their names or contents;"
+        " name the files one by one in the order you mean, rename them with their epoch (epoch_3.pt),"
+        " or choose the index with --by epoch|step"
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
+from .modules import replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
 from .unpickle import PicklePolicy, Placeholder
@@ -38,12 +39,26 @@ class ContentMeta:
     epoch: int | None = None
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Stored as such (not derived): where a name disagrees with these, they win.
+    stored_epoch: int | None = None
+    stored_step: int | None = None
+    batch_counter: bool = False  # icefall's batch_idx_train: its checkpoint-N.pt counts batches
 
 
 def open_checkpoint(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
     if ref.is_directory:
         return _open_directory(ref, policy)
     return _open_file(ref, ref.files[0], policy)
+
+
+def cheap_to_open(ref: CheckpointRef) -> bool:
+    """Whether opening reads only metadata (not a legacy file, which loads whole)."""
+    if ref.is_directory or ref.files[0].endswith(".safetensors"):
+        return True
+    try:
+        return is_zip(ref.files[0])
+    except OSError:
+        return False
 
 
 def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedCheckpoint:
@@ -62,9 +77,9 @@ def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedChe
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
     if zipped:
         loaded = load_zip(path, policy)
-        return OpenedCheckpoint(ref, loaded.obj, placeholders=loaded.placeholders)
+        return OpenedCheckpoint(ref, replace_modules(loaded.obj), placeholders=loaded.placeholders)
     loaded = load_legacy(path, policy)
-    return OpenedCheckpoint(ref, loaded.obj, legacy=True, placeholders=loaded.placeholders)
+    return OpenedCheckpoint(ref, replace_modules(loaded.obj), legacy=True, placeholders=loaded.placeholders)
 
 
 def _open_directory(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
@@ -96,8 +111,8 @@ def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
         tree = opened.safetensors_metadata
     if not isinstance(tree, dict):
         return ContentMeta()
-    epoch = _as_int(tree.get("epoch"))
-    step = _as_int(tree.get("global_step", tree.get("step")))
+    stored_epoch, stored_step = _stored_indices(tree)
+    epoch, step = stored_epoch, stored_step
     extra = tree.get("extra_state")
     if isinstance(extra, dict):  # fairseq
         iterator = extra.get("train_iterator")
@@ -111,11 +126,39 @@ def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
     history = tree.get("optimizer_history")
     if step is None and isinstance(history, list) and history and isinstance(history[-1], dict):
         step = _as_int(history[-1].get("num_updates"))
-    return ContentMeta(epoch, step, _metrics(tree))
+    return ContentMeta(epoch, step, _metrics(tree), stored_epoch, stored_step, "batch_idx_train" in tree)
+
+
+def _stored_indices(tree: dict[Any, Any]) -> tuple[int | None, int | None]:
+    """Epoch and step where libraries store them: top level (Lightning, timm, torchvision,
+    YOLO), mmengine's `meta`, icefall's `cur_epoch` and `batch_idx_train`."""
+    epoch = _as_int(tree.get("epoch"))
+    if epoch is not None and epoch < 0:
+        epoch = None  # YOLO's finished last.pt/best.pt say epoch -1: a copy, not an epoch
+    step = _as_int(tree.get("global_step", tree.get("step")))
+    meta = tree.get("meta")
+    if isinstance(meta, dict):
+        epoch = epoch if epoch is not None else _as_int(meta.get("epoch"))
+        step = step if step is not None else _as_int(meta.get("iter"))
+    epoch = epoch if epoch is not None else _as_int(tree.get("cur_epoch"))
+    step = step if step is not None else _as_int(tree.get("batch_idx_train"))
+    return epoch, step
 
 
 # Numbers beside the weights that are counters or bookkeeping, not a model's quality.
-_NOT_METRICS = frozenset({"epoch", "global_step", "step", "version", "previous_training_time", "num_updates"})
+_NOT_METRICS = frozenset(
+    {
+        "epoch",
+        "global_step",
+        "step",
+        "version",
+        "previous_training_time",
+        "num_updates",
+        "cur_epoch",
+        "batch_idx_train",
+        "updates",
+    }
+)
 
 
 def _metrics(tree: dict[Any, Any]) -> dict[str, float]:

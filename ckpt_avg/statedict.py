@@ -15,6 +15,7 @@ from typing import Any
 from .errors import CheckpointError, UsageError
 from .lazy import is_tensor_leaf
 from .torchfile import UnsupportedTensor
+from .unpickle import Placeholder
 
 PRIMARY_NAMES = (
     "state_dict",
@@ -37,6 +38,7 @@ SECONDARY_NAMES = (
     "averaged_model_state",
     "averaging_state",
     "swa_model",
+    "model_avg",  # icefall's running average of the model
 )
 # Training state that no longer matches averaged weights: left out of a .pt output.
 TRAINING_STATE_NAMES = frozenset(
@@ -77,12 +79,24 @@ class StateDictChoice:
 
 
 def is_state_dict(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and len(node) > 0
-        and all(isinstance(k, str) for k in node)
-        and all(is_tensor_leaf(v) or isinstance(v, UnsupportedTensor) for v in node.values())
-    )
+    """A mapping of names to tensors; `_extra_state` and packed-params entries may be anything."""
+    if not isinstance(node, Mapping) or not node or not all(isinstance(k, str) for k in node):
+        return False
+    tensors = 0
+    for key, value in node.items():
+        if is_extra_entry(key):
+            continue
+        if not (is_tensor_leaf(value) or isinstance(value, UnsupportedTensor)):
+            return False
+        tensors += 1
+    return tensors > 0
+
+
+def is_extra_entry(key: str) -> bool:
+    """State-dict entries that are not weights: `get_extra_state()` (TransformerEngine's FP8
+    metadata) and dynamic quantization's packed parameters. Copied from the last checkpoint."""
+    parts = key.split(".")
+    return parts[-1] == "_extra_state" or "_packed_params" in parts
 
 
 def dotted(path: Path) -> str:
@@ -105,10 +119,8 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
     if is_state_dict(tree):
         return StateDictChoice((), ())
     if not isinstance(tree, Mapping):
-        raise CheckpointError(
-            f"{where}: holds a {type(tree).__name__}, not a dict of tensors (a whole pickled model?);"
-            " save its state_dict() instead"
-        )
+        what = tree.global_name if isinstance(tree, Placeholder) else type(tree).__name__
+        raise CheckpointError(f"{where}: holds a {what}, not a dict of tensors or a model; save a state_dict() instead")
     found = _top_level_state_dicts(tree)
     if not found:
         raise CheckpointError(f"{where}: no state dict found; top-level keys: {_listing(tree)}; pick one with --key")
@@ -130,12 +142,24 @@ def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoi
             f"{where}: averaging {primary!r}; the checkpoint also holds state dicts"
             f" {', '.join(map(repr, unknown))} (choose another with --key)"
         )
+    if primary == "state_dict" and _mmengine_ema(tree):
+        warning = (
+            f"{where}: 'state_dict' holds the EMA weights of mmengine's EMAHook (it swaps them in before"
+            " saving); the raw weights are in 'ema_state_dict' (average those with --key ema_state_dict"
+            " --strip-prefix module.)"
+        )
     if primary == "state_dict" and "current_model_state" in found:
         warning = (
             f"{where}: 'state_dict' holds the weights averaged by Lightning's WeightAveraging callback; the raw"
             " weights are in 'current_model_state' (average those with --key current_model_state)"
         )
     return StateDictChoice((primary,), tuple((name,) for name in others), warning)
+
+
+def _mmengine_ema(tree: Mapping[Any, Any]) -> bool:
+    """EMAHook's checkpoint: `ema_state_dict` holds `steps` and the model's keys under `module.`."""
+    ema = tree.get("ema_state_dict")
+    return isinstance(ema, Mapping) and "steps" in ema and any(str(k).startswith("module.") for k in ema)
 
 
 def _top_level_state_dicts(tree: Any) -> list[str]:

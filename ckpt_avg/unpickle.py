@@ -17,16 +17,16 @@ import collections
 import contextlib
 import importlib
 import math
-import os
 import pickle
 import struct
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar
 
 from .errors import UnsafePickleError
+from .userpath import importable_from_cwd
 
 # Inert classes and functions loaded as themselves: constructing them runs no user code.
 _ALLOWED: tuple[str, ...] = (
@@ -170,20 +170,6 @@ class Unpickled:
     placeholders: set[str] = field(default_factory=set)
 
 
-@contextlib.contextmanager
-def importable_from_cwd() -> Iterator[None]:
-    """Let MODULE.NAME options find the user's own modules, as `python -m` would."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def _import_global(module: str, name: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -228,6 +214,8 @@ class GlobalResolver:
     def __init__(self, policy: PicklePolicy, overrides: dict[str, Any], *, placeholders_only: bool = False) -> None:
         self.policy = policy
         self.overrides = overrides
+        # Untrusted getattr is answered without a lookup (see _inert_getattr), called like an override.
+        self._getattr = self._inert_getattr
         self.placeholders_only = placeholders_only  # a first pass that must import and build nothing
         self.placeholders: set[str] = set()
         self._classes: dict[str, type[Placeholder]] = {}
@@ -235,7 +223,7 @@ class GlobalResolver:
         self.bytes_left = MAX_BUILT_BYTES
         self.classes_loaded: set[type] = set()  # real classes whose objects may hold a Constructor
         self.vouched: set[type] = set()  # --allow-global classes: built inert, never called
-        self._override_ids = {id(value) for value in overrides.values()}
+        self._override_ids = {id(value) for value in (*overrides.values(), self._getattr)}
         self._snapshots: dict[int, tuple[Any, _State]] = {}
         # numpy dtypes this pickle made with copy=True and has not used yet: the only ones
         # BUILD may set. A dtype already under an array, or numpy's shared float64, changed
@@ -282,9 +270,12 @@ class GlobalResolver:
         if full in self.overrides:
             return self.overrides[full]
         if self.policy.trust:
-            return _import_global(module, name)
+            with importable_from_cwd():  # as --allow-global and --bn-model find the user's classes
+                return _import_global(module, name)
         if self.placeholders_only:
             return self._placeholder(full)
+        if full == "builtins.getattr":
+            return self._getattr
         if full in self.policy.extra_allowed and full not in _ALLOWED:
             return self._vouched(full)
         if full in _ALLOWED or _is_numpy_dtype_class(module, name):
@@ -315,6 +306,17 @@ class GlobalResolver:
             if not self.placeholders_only:
                 self.placeholders.add(full)
         return self._classes[full]
+
+    def _inert_getattr(self, target: Any, name: Any, *default: Any) -> Any:
+        """`getattr` that looks nothing up: an attribute of a class we did not import is inert too.
+
+        mmengine's HistoryBuffer pickles `getattr(HistoryBuffer, 'min')`; that names no code
+        beyond the class already reported, so it needs no warning of its own.
+        """
+        if isinstance(target, type) and issubclass(target, Placeholder) and isinstance(name, str):
+            return placeholder_class(f"{target.global_name}.{name}")
+        self.placeholders.add("builtins.getattr")
+        return placeholder_class("builtins.getattr")(target, name, *default)
 
 
 _State = tuple[dict[str, Any] | None, Any, Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_avg.naming import checkpoint_suffix, parse_name, stem
+from ckpt_avg.naming import checkpoint_suffix, natural_key, parse_name, stem
 
 
 @pytest.mark.parametrize(
@@ -98,10 +98,69 @@ def test_aliases(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["lastname.ckpt", "epoch=3-last.ckpt", "checkpoint3.pt", "model.pt", "best_model_weights_v2.pt"]
+    "name", ["lastname.ckpt", "checkpoint3.pt", "model.pt", "best_model_weights_v2.pt", "checkpoint_3.pt"]
 )
 def test_not_aliases(name: str) -> None:
     assert not parse_name(name).is_alias
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "checkpoint.pth",  # torchvision references: a copy of the newest model_K.pth; ESPnet's resume file
+        "best-valid-loss.pt",  # icefall: copies of an epoch-N.pt
+        "best-train-loss.pt",
+        "valid.acc.best.pth",  # ESPnet: links to an Nepoch.pth
+        "valid.loss.best.pth",
+        "latest.pth",
+        "valid.acc.ave_10best.pth",  # ESPnet's own average of the best epochs
+        "valid.acc.ave.pth",
+        "last.pt",  # YOLO
+        "best.pt",
+    ],
+)
+def test_library_copies_are_aliases(name: str) -> None:
+    assert parse_name(name).is_alias
+
+
+def test_a_last_copy_keeps_the_epoch_it_names() -> None:
+    # NeMo writes `NAME--val_loss=0.5000-epoch=3-last.ckpt` beside `NAME--val_loss=0.5000-epoch=3.ckpt`.
+    info = parse_name("megatron_gpt--val_loss=0.5000-epoch=3-last.ckpt")
+    assert (info.is_alias, info.epoch) == (True, 3)
+    assert parse_name("epoch=3-last.ckpt").is_alias
+    # mmengine's CheckpointHook(save_best=...) saves the best epoch again under this name.
+    info = parse_name("best_accuracy_top1_epoch_12.pth")
+    assert (info.is_alias, info.epoch) == (True, 12)
+    assert parse_name("best_coco_bbox_mAP_iter_4000.pth").step == 4000
+
+
+@pytest.mark.parametrize(
+    ("name", "is_directory", "epoch", "step", "save"),
+    [
+        ("7epoch.pth", False, 7, None, None),  # ESPnet
+        ("epoch-7.pt", False, 7, None, None),  # icefall
+        ("model_7.pth", False, 7, None, None),  # torchvision references
+        ("model_1.safetensors", False, None, None, None),  # accelerate's second model, not an epoch
+        ("checkpoint_3", True, None, None, 3),  # accelerate's save count
+        ("step-3000", True, None, 3000, None),  # torchtitan
+        ("iter_4000.pth", False, None, 4000, None),  # mmengine by iteration
+        ("epoch_12.pth", False, 12, None, None),  # mmengine by epoch
+    ],
+)
+def test_library_names(name: str, is_directory: bool, epoch: int | None, step: int | None, save: int | None) -> None:
+    info = parse_name(name, is_directory=is_directory)
+    assert (info.epoch, info.step, info.save) == (epoch, step, save)
+
+
+def test_checkpoint_dash_n_file_is_timm_for_pth_tar_and_undecided_otherwise() -> None:
+    # icefall's checkpoint-20000.pt counts batches; timm's checkpoint-7.pth.tar epochs.
+    assert not parse_name("checkpoint-7.pth.tar").dash_file
+    assert parse_name("checkpoint-20000.pt").dash_file
+
+
+def test_natural_order() -> None:
+    names = ["checkpoint_10", "checkpoint_9", "checkpoint_1", "checkpoint_11"]
+    assert sorted(names, key=natural_key) == ["checkpoint_1", "checkpoint_9", "checkpoint_10", "checkpoint_11"]
 
 
 @pytest.mark.parametrize(

@@ -252,9 +252,41 @@ def test_collision_under_explicit_by_is_an_error() -> None:
         make_plan(candidates(names), SelectOptions(by="epoch"))
 
 
-def test_found_files_without_index_are_an_error() -> None:
-    with pytest.raises(SelectionError, match=r"no epoch in ckpts/b\.pt"):
-        make_plan(candidates(["b.pt", "a.pt"], explicit=False), SelectOptions())
+def test_found_files_without_index_are_all_averaged_in_discovery_order() -> None:
+    # Discovery lists a directory or a glob in natural order; with no option that needs an
+    # order, every candidate is averaged (the mean does not depend on it).
+    plan = make_plan(candidates(["a.pt", "b.pt"], explicit=False), SelectOptions())
+    assert plan.by == "order"
+    assert selected_names(plan) == ["a.pt", "b.pt"]
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (SelectOptions(last=3), "--last"),
+        (SelectOptions(start=5), "--start"),
+        (SelectOptions(end=5), "--end"),
+        (SelectOptions(start=0.5), "--start"),
+    ],
+)
+def test_found_files_without_index_refuse_options_that_need_an_order(options: SelectOptions, named: str) -> None:
+    # Issue 11: twelve accelerate-style names from a glob; `--last 3` took checkpoint_7..9 by string order.
+    names = [f"weights_{k}.safetensors" for k in range(12)]
+    names = [n for n in names if parse_name(n).epoch is None]
+    with pytest.raises(SelectionError, match=rf"^{named} needs an order, but ckpts/weights_0\.safetensors"):
+        make_plan(candidates(names, explicit=False), options)
+
+
+def test_accelerate_save_counts_order_the_checkpoints_numerically() -> None:
+    refs = []
+    for order, k in enumerate(sorted(range(12), key=str)):  # string order: 0, 1, 10, 11, 2, ...
+        name = f"checkpoint_{k}"
+        ref = CheckpointRef(f"ckpts/{name}", (f"ckpts/{name}/model.safetensors",), True, False, order, 1,
+                            parse_name(name, is_directory=True))  # fmt: skip
+        refs.append(Candidate(ref, None, None))
+    plan = make_plan(refs, SelectOptions(last=3))
+    assert plan.by == "save"
+    assert selected_names(plan) == ["checkpoint_9", "checkpoint_10", "checkpoint_11"]
 
 
 def test_explicit_files_without_index_keep_command_line_order() -> None:

@@ -186,7 +186,7 @@ def test_extra_state_is_copied_from_the_last_and_counted(tmp_path: Path) -> None
     assert "left out of this flat output" in result.stderr
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor:UserWarning")
 def test_dynamic_quantization_packed_params(tmp_path: Path) -> None:
     # quantize_dynamic's state dict holds `_packed_params` entries (a dtype; a tuple holding a
     # quantized tensor) beside float tensors: found as a state dict, never averaged.

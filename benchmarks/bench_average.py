@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -280,8 +281,12 @@ def round_once(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rounded.view(torch.float64).to(dtype)
 
 
-def tensor_header(name: str, tensor: torch.Tensor) -> bytes:
-    return f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode()
+def tree_record(name: str, tensor: torch.Tensor, digest: bytes) -> bytes:
+    """One record of SPEC §1.7's BLAKE3 tree, as ckpt_avg/digest.py documents the encoding."""
+    key = name.encode()
+    dtype = str(tensor.dtype).removeprefix("torch.").encode()
+    dims = struct.pack(f"<{1 + tensor.dim()}Q", tensor.dim(), *tensor.shape)
+    return struct.pack("<Q", len(key)) + key + struct.pack("<Q", len(dtype)) + dtype + dims + digest
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -290,7 +295,7 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 @dataclass
 class Oracle:
-    """Per-tensor sha256 of the exact float64 mean rounded once, and the SPEC's tensor digest."""
+    """Per-tensor sha256 of the exact float64 mean rounded once, and the SPEC's tensor digest (BLAKE3 tree)."""
 
     tensor_sha: dict[str, str]
     digest: str
@@ -302,8 +307,10 @@ def compute_oracle(inputs: Sequence[str], naive_output: str | None) -> tuple[Ora
     opened = [state_tensors(p) for p in inputs]
     names = opened[-1][0]
     naive = state_tensors(naive_output) if naive_output else None
+    from blake3 import blake3
+
     shas: dict[str, str] = {}
-    digest = hashlib.sha256()
+    digest = blake3(struct.pack("<Q", len(names)))
     equal = total = 0
     for name in names:
         tensors = [get(name) for _, get in opened]
@@ -313,8 +320,7 @@ def compute_oracle(inputs: Sequence[str], naive_output: str | None) -> tuple[Ora
         accumulator /= len(tensors)
         exact = round_once(accumulator, tensors[-1].dtype)
         shas[name] = hashlib.sha256(raw_bytes(exact)).hexdigest()
-        digest.update(tensor_header(name, exact))
-        digest.update(raw_bytes(exact))
+        digest.update(tree_record(name, exact, blake3(raw_bytes(exact)).digest()))
         total += exact.numel()
         if naive is not None:
             other = naive[1](name)
@@ -552,7 +558,10 @@ def reported_digest(cset: CheckpointSet, output: str, args: argparse.Namespace) 
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
     provenance = header.get("__metadata__", {}).get("ckpt_avg")
-    return json.loads(provenance).get("output_tensor_digest") if provenance else None
+    if not provenance:
+        return None
+    recorded: str | None = json.loads(provenance).get("digest", {}).get("output")
+    return recorded
 
 
 def measure_limits(cset: CheckpointSet, result: CaseResult, cache: Cache, workdir: str) -> None:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .errors import CkptAvgError
     from .report import Report
     from .select import SelectOptions
+    from .verify import Verification, verify_output
 
 _EXPORTS = {
     "Options": "api",
@@ -19,6 +20,8 @@ _EXPORTS = {
     "CkptAvgError": "errors",
     "Report": "report",
     "SelectOptions": "select",
+    "Verification": "verify",
+    "verify_output": "verify",
 }
 
 
@@ -36,7 +39,9 @@ __all__ = [
     "Options",
     "Report",
     "SelectOptions",
+    "Verification",
     "__version__",
     "average_checkpoints",
     "plan_checkpoints",
+    "verify_output",
 ]

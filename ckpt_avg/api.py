@@ -10,7 +10,6 @@ Data flows one way: discover -> select -> open -> average -> write -> report.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -23,10 +22,11 @@ from typing import Any
 import torch
 
 from . import __version__
-from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
+from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
+from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import CheckpointError, CkptAvgError, UsageError
-from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
 from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .modules import pickled_modules
@@ -76,11 +76,12 @@ class Options:
     allow_global: tuple[str, ...] = ()
     force: bool = False
     max_shard_size: str | None = None
-    hash_files: bool = True
+    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
     bn_model: str | None = None  # MODULE:CALLABLE returning the model
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
     bn_batch_size: int = 32
     bn_batches: int | None = None
+    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -107,27 +108,32 @@ def average_checkpoints(
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
     """
     options = _merge(options or Options(), choices)
-    _validate(options, output)
+    kind = _validate(options, output)
+    assert kind is not None
     started = time.monotonic()
     run = _Run(inputs, options)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
-    layout = run.layout(output)
+    layout = run.layout(kind, output)
     if on_total is not None:
         on_total(layout.input_bytes)
     remove_stale_temps(output)
     overrides = _batchnorm(run, layout, options)
     advance = progress or (lambda _: None)
 
-    def runner(sink: Any, primary_only: bool) -> Digests:
+    def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
         visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
+        if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
+            by_name = {v.name: v for v in visits}
+            visits = [by_name[name] for name in order]
         return run_engine(layout, options, sink, advance, visits, overrides)
 
-    written = write_output(output, layout, run.provenance(), options, runner)
+    written = write_output(output, kind, layout, run.provenance(), options, runner)
     report = run.report(dry_run=False)
     report.output = output
-    report.files = [FileRecord(p, _sha256(p) if options.hash_files else None) for p in written.files]
+    report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
     report.output_digest = written.output_digest
+    report.digest_scheme = SCHEME
     for record, digest in zip(report.selected, written.input_digests, strict=True):
         object.__setattr__(record, "tensor_digest", digest)
     report.parameters = parameter_count(layout)
@@ -136,6 +142,26 @@ def average_checkpoints(
     report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
+
+
+def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Digests]:
+    """The tensor digests an average of `inputs` would have, computed without writing anything.
+
+    `verify --recompute` compares them with an output's provenance; only the digested
+    (primary) state dict is averaged.
+    """
+    _validate(options)
+    run = _Run(inputs, options)
+    run.open_selected()
+    layout = run.layout(OutputKind.SAFETENSORS)
+    overrides = _batchnorm(run, layout, options)
+    digests = run_engine(layout, options, _Discard(), lambda _: None, [v for v in layout.visits if v.digest], overrides)
+    return run.report(dry_run=False), digests
+
+
+class _Discard:
+    def write(self, unit: Any, start: int, data: torch.Tensor) -> None:
+        pass
 
 
 def _batchnorm(run: _Run, layout: Layout, options: Options) -> dict[str, torch.Tensor]:
@@ -215,8 +241,8 @@ def _merge(options: Options, choices: dict[str, Any]) -> Options:
     return Options(**values)
 
 
-def _validate(options: Options, output: str | None = None) -> None:
-    """Usage errors, found before any file is opened."""
+def _validate(options: Options, output: str | None = None) -> OutputKind | None:
+    """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
@@ -246,8 +272,9 @@ def _validate(options: Options, output: str | None = None) -> None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
-    if output is not None:
-        validate_output_name(output, max_shard_size=options.max_shard_size)
+    if output is None:
+        return None
+    return validate_output_name(output, max_shard_size=options.max_shard_size)
 
 
 def check_device(device: str) -> None:
@@ -263,14 +290,6 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: MPS is not available on this machine")
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Run:
@@ -354,11 +373,10 @@ class _Run:
                     f" (--end {opened.tree['epoch'] - 1} leaves it out)"
                 )
 
-    def layout(self, output: str) -> Layout:
+    def layout(self, kind: OutputKind, output: str = "avg.pt") -> Layout:
         assert self.choice is not None
-        keeps_structure = output.lower().endswith(PYTORCH_SUFFIXES) and not output.endswith("/")
         paths = [self.choice.primary]
-        if keeps_structure:
+        if kind.keeps_structure:
             for other in self.choice.others:
                 if all(has_state_dict(o.tree, other) for o in self.selected_opened):
                     paths.append(other)
@@ -366,7 +384,7 @@ class _Run:
                     self.warnings.append(
                         f"state dict {dotted(other)!r} is not in every selected checkpoint; left out of the output"
                     )
-        if keeps_structure and not self.options.trust_pickle:
+        if kind.keeps_structure and not self.options.trust_pickle:
             refuse_pickled_modules(self.selected_opened[-1], paths, output)
         out_dtype = DTYPES[self.options.dtype] if self.options.dtype else None
         layout = build_layout(
@@ -377,11 +395,11 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
-        if keeps_structure:
+        if kind.keeps_structure:
             refuse_uncopyable_extras(layout)
         extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
         if extras:
-            fate = "copied from the last checkpoint" if keeps_structure else "left out of this flat output"
+            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
             self.warnings.append(
                 f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
                 f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"
@@ -394,8 +412,10 @@ class _Run:
         weights = self._weights()
         return {
             "tool": "ckpt-avg",
+            "format_version": FORMAT_VERSION,
             "version": __version__,
             "by": self.plan.by,
+            "state_dict": list(self.choice.primary) if self.choice else [],  # where the digested tensors are
             "inputs": [
                 {"path": c.ref.display, "epoch": c.epoch, "step": c.step, "weight": w}
                 for c, w in zip(self.plan.selected, weights, strict=True)
@@ -416,6 +436,10 @@ class _Run:
                 "accum_dtype": self.options.accum_dtype,
                 "int_policy": self.options.int_policy,
                 "allow_nonfinite": self.options.allow_nonfinite,
+                "bn_model": self.options.bn_model,
+                "bn_data": self.options.bn_data,
+                "bn_batch_size": self.options.bn_batch_size,
+                "bn_batches": self.options.bn_batches,
             },
         }
 
@@ -576,6 +600,7 @@ def engine_options(options: Options, count: int, overrides: dict[str, torch.Tens
         int_policy=options.int_policy,
         allow_nonfinite=options.allow_nonfinite,
         overrides=overrides or {},
+        budgets=options.budgets,
     )
 
 

@@ -1,17 +1,15 @@
 """The streaming kernel: tensor by tensor, chunk by chunk, across all selected checkpoints.
 
 For each chunk of each tensor, every input's bytes are read ahead into reusable buffers
-(and hashed) on reader threads; the main thread sums them in float64 in index order, block
-by cache-sized block, divides, and rounds once into the output dtype; a writer thread
-hashes the result and hands it to the sink. Memory is a fixed budget of buffers split among
+(and hashed, BLAKE3 per tensor) on reader threads; the main thread sums them in float64 in
+index order, block by cache-sized block, divides, and rounds once into the output dtype; a
+writer thread hashes the result and hands it to the sink. Memory is a fixed budget of buffers split among
 the inputs, whatever the number of checkpoints or the size of the model.
 """
 
 from __future__ import annotations
 
-import collections
 import gc
-import hashlib
 import math
 import os
 import queue
@@ -22,23 +20,54 @@ from typing import Any, Protocol
 
 import torch
 
+from .digest import TensorDigests, tensor_hasher
 from .errors import MismatchError, NonFiniteError, UsageError
 from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "steps", "global_step", "num_updates")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
-READ_BUDGET_BYTES = 96 << 20  # all read buffers together, however many inputs
-MAX_READ_BYTES = 16 << 20  # one read; larger ones are no faster
 READ_SLOTS = 3  # chunks in flight: one being averaged, two being read
-# sha256 runs at about 2 GB/s per core: hash on several threads where there are cores.
-READ_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
-# The arithmetic runs on the calling thread; intra-op threads only where cores are left over
-# (on a small machine they would contend with the readers and spin).
-ARITH_THREADS = 1 if (os.cpu_count() or 1) <= 4 else min(4, (os.cpu_count() or 1) - READ_THREADS - 2)
-WRITE_BUDGET_BYTES = 48 << 20  # all output buffers together
 WRITE_SLOTS = 3  # averaged chunks waiting to be hashed and written
-BLOCK_ELEMENTS = 1 << 17  # CPU arithmetic block: its float64 scratch stays in cache
+
+
+def usable_cores() -> int:
+    """The cores this process may run on, shared by the ranks torchrun starts on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cores // ranks)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Memory and threads the kernel uses, whatever the number of checkpoints or model size.
+
+    The defaults suit any machine; tests shrink them to drive the many-chunk paths a large
+    model takes. Thread counts left as None come from `usable_cores()` when a run starts.
+    """
+
+    read_bytes: int = 96 << 20  # all read buffers together, however many inputs
+    max_read_bytes: int = 16 << 20  # one read; larger ones are no faster
+    write_bytes: int = 48 << 20  # all output buffers together
+    block_elements: int = 1 << 17  # CPU arithmetic block: its float64 scratch stays in cache
+    # Reads and BLAKE3 (about 6 GB/s per core) run on reader threads, beside the arithmetic.
+    read_threads: int | None = None
+    # The arithmetic runs on the calling thread; intra-op threads only where cores are left
+    # over (on a small machine they would contend with the readers and spin).
+    arith_threads: int | None = None
+
+    def threads(self) -> tuple[int, int]:
+        """(reader threads, arithmetic threads) for this run."""
+        cores = usable_cores()
+        read = self.read_threads or max(2, min(4, cores // 2))
+        arith = self.arith_threads or (1 if cores <= 4 else max(1, min(4, cores - read - 2)))
+        return read, arith
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,7 @@ class AverageOptions:
     int_policy: str = "error"
     allow_nonfinite: bool = False
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    budgets: Budgets = field(default_factory=Budgets)
     # Tensors that replace the average under these names (recomputed BatchNorm statistics).
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -74,7 +104,7 @@ class Unit:
 
 @dataclass(frozen=True)
 class Visit:
-    """One name in processing order: compute its unit, or only hash a tied second name."""
+    """One name in processing order: compute its unit, or (a tied second name) only name it."""
 
     name: str
     unit: Unit
@@ -95,18 +125,14 @@ class Sink(Protocol):
 
 @dataclass
 class Digests:
-    """sha256 per input and of the output, over tensors in sorted key order."""
+    """Per-tensor digest records of each input and of the output (the digested names only)."""
 
-    inputs: list[hashlib._Hash]
-    output: hashlib._Hash = field(default_factory=hashlib.sha256)
+    inputs: list[TensorDigests]
+    output: TensorDigests = field(default_factory=TensorDigests)
 
     @classmethod
     def for_inputs(cls, count: int) -> Digests:
-        return cls([hashlib.sha256() for _ in range(count)])
-
-
-def tensor_header(name: str, dtype: torch.dtype, shape: Sequence[int]) -> bytes:
-    return f"{name}\0{str(dtype).removeprefix('torch.')}\0{list(shape)}\0".encode()
+        return cls([TensorDigests() for _ in range(count)])
 
 
 def classify(name: str, dtype: torch.dtype) -> str:
@@ -176,14 +202,15 @@ class _Step:
     count: int
     first: bool
     last: bool
+    names: tuple[str, ...]  # the unit's digested names: its bytes are hashed, in and out, for these
 
 
 class _Readers:
     """Threads that fill reusable read buffers ahead of the arithmetic.
 
-    Each input is always read by the same thread, which also feeds that input's sha256
-    right after the read (hashlib releases the GIL), so every digest sees its bytes in
-    order and hashing runs in parallel with the arithmetic. Step k uses slot k % slots;
+    Each input is always read by the same thread, which also feeds that input's tensor
+    digest right after the read (BLAKE3 releases the GIL), so every digest sees its bytes
+    in order and hashing runs in parallel with the arithmetic. Step k uses slot k % slots;
     a slot is refilled only after the main thread has given it back.
     """
 
@@ -210,6 +237,7 @@ class _Readers:
 
     def _run(self, group: int) -> None:
         spilled: dict[int, SpilledTensor] = {}  # strided leaves of the current unit, copied out once
+        hashers: dict[int, Any] = {}  # input -> the digest of its current tensor
         try:
             for k, step in enumerate(self.steps):
                 slot = k % self.slots
@@ -221,7 +249,7 @@ class _Readers:
                     if step.first:
                         close_spilled(spilled)
                     ahead = self.steps[k + self.slots] if k + self.slots < len(self.steps) else None
-                    self._read(step, ahead, slot, self.groups[group], spilled)
+                    self._read(step, ahead, slot, self.groups[group], spilled, hashers)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                     self.errors[slot] = exc
                     failed = True
@@ -232,21 +260,31 @@ class _Readers:
             close_spilled(spilled)
 
     def _read(
-        self, step: _Step, ahead: _Step | None, slot: int, inputs: list[int], spilled: dict[int, SpilledTensor]
+        self,
+        step: _Step,
+        ahead: _Step | None,
+        slot: int,
+        inputs: list[int],
+        spilled: dict[int, SpilledTensor],
+        hashers: dict[int, Any],
     ) -> None:
         """Read (and hash) this thread's inputs for `step`; ask the kernel for `ahead`'s bytes."""
-        visit, unit = step.visit, step.visit.unit
+        unit = step.visit.unit
         for i in inputs:
             leaf = unit.leaves[i]
-            hasher = self.digests.inputs[i] if visit.digest else None
-            if hasher is not None and step.first:
-                hasher.update(tensor_header(visit.name, leaf.dtype, unit.shape))
             view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i], spilled)
             self.views[slot][i] = view
             if ahead is not None:  # the kernel reads it while we hash and average
                 prefetch_leaf_range(ahead.visit.unit.leaves[i], ahead.start, ahead.count)
-            if hasher is not None and step.count:
-                hasher.update(view.view(torch.uint8).numpy().data)
+            if step.names:
+                if step.first:
+                    hashers[i] = tensor_hasher()
+                if step.count:
+                    hashers[i].update(view.view(torch.uint8).numpy().data)
+                if step.last:
+                    digest = hashers.pop(i).hexdigest()
+                    for name in step.names:
+                        self.digests.inputs[i].add(name, leaf.dtype, unit.shape, digest)
 
     def take(self, k: int) -> list[torch.Tensor]:
         """Every input's chunk of step k (valid until `give_back(k)`)."""
@@ -273,21 +311,22 @@ class _Readers:
 
 
 class _Writer:
-    """A thread that hashes the averaged chunks and hands them to the sink, in order.
+    """A thread that hashes the averaged chunks (per tensor) and hands them to the sink, in order.
 
     Results are computed into a few reusable output buffers; a buffer is reused only once
     the sink has taken its bytes (every sink copies them before `write` returns).
     """
 
-    def __init__(self, sink: Sink, hasher: hashlib._Hash, capacity: int, slots: int, pin: bool) -> None:
+    def __init__(self, sink: Sink, digests: TensorDigests, capacity: int, slots: int, pin: bool) -> None:
         self.sink = sink
-        self.hasher = hasher
+        self.digests = digests
+        self.hasher: Any = None
         self.buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
         self.free = threading.Semaphore(slots)
         self.issued = 0
         self.error: BaseException | None = None
         self.cancelled = False
-        self.queue: queue.SimpleQueue[tuple[Unit | None, int, Any, bool, bool] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[_Step, torch.Tensor] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="ckpt-avg-write", daemon=True)
         self.thread.start()
 
@@ -299,27 +338,34 @@ class _Writer:
         self.issued += 1
         return buffer[: count * itemsize(dtype)].view(dtype)
 
-    def write(self, unit: Unit, start: int, data: torch.Tensor, digest: bool) -> None:
-        """Queue a chunk taken from `buffer()`: hashed if `digest`, then written."""
-        self.queue.put((unit, start, data, digest, True))
-
-    def hash(self, data: bytes | torch.Tensor) -> None:
-        self.queue.put((None, 0, data, True, False))
+    def write(self, step: _Step, data: torch.Tensor) -> None:
+        """Queue step's result, in a buffer taken from `buffer()`: hashed, then written."""
+        self.queue.put((step, data))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            unit, start, data, digest, owns_buffer = item
+            step, data = item
             try:
                 if self.error is None and not self.cancelled:
-                    if digest:
-                        self.hasher.update(data if isinstance(data, bytes) else _raw(data))
-                    if unit is not None:
-                        self.sink.write(unit, start, data)
+                    self._hash(step, data)
+                    self.sink.write(step.visit.unit, step.start, data)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.error = exc
             finally:
-                if owns_buffer:
-                    self.free.release()
+                self.free.release()
+
+    def _hash(self, step: _Step, data: torch.Tensor) -> None:
+        if not step.names:
+            return
+        if step.first:
+            self.hasher = tensor_hasher()
+        if step.count:
+            self.hasher.update(_raw(data))
+        if step.last:
+            unit = step.visit.unit
+            digest = self.hasher.hexdigest()
+            for name in step.names:
+                self.digests.add(name, unit.out_dtype, unit.shape, digest)
 
     def check(self) -> None:
         if self.error is not None:
@@ -373,8 +419,8 @@ class Engine:
 
     Memory is a fixed budget of reusable buffers split among the inputs, whatever the
     number of checkpoints or the size of the model: about 96 MiB of read buffers, 48 MiB of
-    output buffers and a few MiB of float64 scratch, plus one whole tensor per tied name
-    still to hash.
+    output buffers and a few MiB of float64 scratch. A unit is computed and hashed once,
+    however many names it has: its tensor digest serves each of them.
     """
 
     def __init__(
@@ -387,6 +433,7 @@ class Engine:
     ) -> None:
         self.files = files
         self.options = options
+        self.budgets = options.budgets
         self.sink = sink
         self.digests = digests
         self.progress = progress
@@ -394,15 +441,12 @@ class Engine:
         if self.device.type == "mps" and options.accum_dtype == torch.float64:
             self.device = torch.device("cpu")  # MPS has no float64, and the mean must be exact
         self._blocked = self.device.type == "cpu"  # cache-sized blocks on the CPU, whole chunks on a device
-        self._held: dict[int, torch.Tensor] = {}  # results of tied units with names still to hash
-        self._pieces: dict[int, list[torch.Tensor]] = {}
         self._scratch: dict[str, torch.Tensor] = {}
 
     def run(self, visits: Sequence[Visit]) -> None:
         steps = self._steps(visits)
         if not steps:
             return
-        pending = collections.Counter(id(v.unit) for v in visits if v.digest)  # names still to hash, per unit
         pin = self.device.type == "cuda"
         inputs = len(steps[0].visit.unit.leaves)
         read_sizes = [max(s.count * itemsize(s.visit.unit.leaves[i].dtype) for s in steps) for i in range(inputs)]
@@ -411,18 +455,19 @@ class Engine:
         ]
         capacity = max(s.count * itemsize(s.visit.unit.out_dtype) for s in steps)
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and threads > ARITH_THREADS:
-            torch.set_num_threads(ARITH_THREADS)
+        read_threads, arith_threads = self.budgets.threads()
+        if self.device.type == "cpu" and threads > arith_threads:
+            torch.set_num_threads(arith_threads)
         readers: _Readers | None = None
         writer: _Writer | None = None
         collecting = gc.isenabled()
         gc.disable()  # the loop makes many short-lived views, and each collection walks all of torch
         try:  # an interrupt between starting the threads and the loop must still stop them
-            readers = _Readers(steps, buffers, self.digests, READ_THREADS)
+            readers = _Readers(steps, buffers, self.digests, read_threads)
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
             for k, step in enumerate(steps):
                 chunks = readers.take(k)
-                self._step(step, chunks, writer, pending)
+                self._step(step, chunks, writer)
                 readers.give_back(k)
             writer.finish()
         finally:
@@ -436,22 +481,32 @@ class Engine:
                 torch.set_num_threads(threads)
 
     def _steps(self, visits: Sequence[Visit]) -> list[_Step]:
-        steps: list[_Step] = []
+        """Chunks of each unit's first visit; the unit's digested names go with them."""
+        names: dict[int, list[str]] = {}
+        first: list[Visit] = []
         for visit in visits:
-            if not visit.compute and not visit.digest:
-                continue
+            if id(visit.unit) not in names:
+                names[id(visit.unit)] = []
+                first.append(visit)
+            if visit.digest:
+                names[id(visit.unit)].append(visit.name)
+        steps: list[_Step] = []
+        for visit in first:
             chunks = self._chunks(visit.unit)
+            digested = tuple(names[id(visit.unit)])
             for j, (start, count) in enumerate(chunks):
-                steps.append(_Step(visit, start, count, j == 0, j == len(chunks) - 1))
+                steps.append(_Step(visit, start, count, j == 0, j == len(chunks) - 1, digested))
         return steps
 
     def _chunk_elements(self, unit: Unit) -> int:
         """Elements per chunk: the buffer budgets split among inputs and slots, in whole blocks."""
-        per_read = min(MAX_READ_BYTES, max(4096, READ_BUDGET_BYTES // (READ_SLOTS * len(unit.leaves))))
+        budgets = self.budgets
+        per_read = min(budgets.max_read_bytes, max(4096, budgets.read_bytes // (READ_SLOTS * len(unit.leaves))))
         widest = max(itemsize(leaf.dtype) for leaf in unit.leaves)
-        per_write = WRITE_BUDGET_BYTES // (WRITE_SLOTS * itemsize(unit.out_dtype))
+        per_write = budgets.write_bytes // (WRITE_SLOTS * itemsize(unit.out_dtype))
         size = max(1, min(self.options.chunk_elements, per_read // widest, per_write))
-        return size - size % BLOCK_ELEMENTS if size > BLOCK_ELEMENTS else size
+        block = budgets.block_elements
+        return size - size % block if size > block else size
 
     def _chunks(self, unit: Unit) -> list[tuple[int, int]]:
         size = self._chunk_elements(unit)
@@ -460,32 +515,16 @@ class Engine:
             return [(0, 0)]  # an empty tensor still gets its (empty) record written
         return [(start, min(size, total - start)) for start in range(0, total, size)]
 
-    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer, pending: dict[int, int]) -> None:
-        visit, unit = step.visit, step.visit.unit
-        if visit.digest and step.first:
-            writer.hash(tensor_header(visit.name, unit.out_dtype, unit.shape))
-        if not visit.compute:
-            if visit.digest and step.first:
-                writer.hash(self._held[id(unit)])
+    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer) -> None:
+        unit = step.visit.unit
+        out = writer.buffer(unit.out_dtype, step.count)
+        override = self.options.overrides.get(unit.names[0])
+        if override is not None:
+            out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
         else:
-            out = writer.buffer(unit.out_dtype, step.count)
-            override = self.options.overrides.get(unit.names[0])
-            if override is not None:
-                out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
-            else:
-                self._combine(unit, visit.label, chunks, out)
-            if pending[id(unit)] > (1 if visit.digest else 0):  # a tied name still to hash needs it
-                self._pieces.setdefault(id(unit), []).append(out.clone())
-            writer.write(unit, step.start, out, visit.digest)
-            self.progress(sum(c.numel() * c.element_size() for c in chunks))
-        if step.last:
-            pieces = self._pieces.pop(id(unit), None)
-            if pieces is not None:
-                self._held[id(unit)] = torch.cat(pieces)
-            if visit.digest:
-                pending[id(unit)] -= 1
-                if pending[id(unit)] == 0:
-                    self._held.pop(id(unit), None)
+            self._combine(unit, step.visit.label, chunks, out)
+        writer.write(step, out)
+        self.progress(sum(c.numel() * c.element_size() for c in chunks))
 
     def _combine(self, unit: Unit, name: str, chunks: list[torch.Tensor], out: torch.Tensor) -> None:
         if unit.kind == "float":
@@ -507,19 +546,30 @@ class Engine:
         On the CPU the work goes block by block so the float64 scratch stays in cache; on a
         device the chunks are copied over (from pinned buffers) and done in one block.
         """
+        narrowing = not self.options.allow_nonfinite and _narrower(unit)
+        overflowed = False
         if self._blocked:
-            sums = self._buffer("sums", -(-out.numel() // BLOCK_ELEMENTS), torch.float64)
-            for j, start in enumerate(range(0, out.numel(), BLOCK_ELEMENTS)):
-                end = min(out.numel(), start + BLOCK_ELEMENTS)
+            block = self.budgets.block_elements
+            sums = self._buffer("sums", -(-out.numel() // block), torch.float64)
+            for j, start in enumerate(range(0, out.numel(), block)):
+                end = min(out.numel(), start + block)
                 self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
+                overflowed = overflowed or (narrowing and _overflows(out[start:end]))  # while it is in cache
         else:
             sums = self._buffer("sums", 1, torch.float64)
             result = self._buffer("result", out.numel(), out.dtype)
             self._mean_block([c.to(self.device, non_blocking=True) for c in chunks], result, sums[0])
+            overflowed = narrowing and out.numel() > 0 and _overflows(result)
             out.copy_(result, non_blocking=True)
         if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
             self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
         _synchronize(self.device)  # the read buffers and `out` are reused next
+        if overflowed:  # finite means (checked above) that the output dtype cannot hold
+            raise NonFiniteError(
+                f"tensor {name!r}: its mean is beyond the range of {str(out.dtype).removeprefix('torch.')}"
+                f" (largest {torch.finfo(out.dtype).max:g}) and would be written as Inf; choose a wider --dtype,"
+                " or --allow-nonfinite to write it anyway"
+            )
 
     def _mean_block(self, xs: list[torch.Tensor], out: torch.Tensor, total: torch.Tensor) -> None:
         """Sum in index order in the accumulator dtype, divide, round once; `total` gets the sum."""
@@ -549,7 +599,7 @@ class Engine:
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < count:
             buffer = torch.empty(
-                max(count, BLOCK_ELEMENTS if self._blocked else count), dtype=dtype, device=self.device
+                max(count, self.budgets.block_elements if self._blocked else count), dtype=dtype, device=self.device
             )
             self._scratch[key] = buffer
         return buffer[:count]
@@ -574,6 +624,17 @@ class Engine:
                     f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
                     " (use --allow-nonfinite to average it anyway)"
                 )
+
+
+def _overflows(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)
+    return not (math.isfinite(float(low)) and math.isfinite(float(high)))
+
+
+def _narrower(unit: Unit) -> bool:
+    """Whether a finite mean of the inputs can still round to Inf in the output dtype (`--dtype float16`)."""
+    largest = torch.finfo(unit.out_dtype).max
+    return any(torch.finfo(leaf.dtype).max > largest for leaf in unit.leaves if leaf.dtype.is_floating_point)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -16,7 +16,7 @@ from . import __version__
 from .api import Options, average_checkpoints, plan_checkpoints
 from .cli_options import StrictCommand
 from .errors import CkptAvgError, SelectionError
-from .report import Report, plan_table, summary_line
+from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
 
 EPILOG = """\b
@@ -30,6 +30,7 @@ Examples:
 
   ckpt-avg inspect ckpts/ shows the run (weight drift, metrics) and suggests --start;
   see ckpt-avg inspect --help.
+  ckpt-avg verify avg.pt checks an output against its provenance; see ckpt-avg verify --help.
 """
 
 
@@ -251,9 +252,9 @@ def _warn(report: Report, quiet: bool) -> None:
     if quiet:
         return
     for warning in report.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {terminal_safe(warning)}", err=True)
     if report.dropped:
-        click.echo(f"Note: left out of the output: {', '.join(report.dropped)}", err=True)
+        click.echo(f"Note: left out of the output: {terminal_safe(', '.join(report.dropped))}", err=True)
 
 
 @contextmanager
@@ -286,9 +287,9 @@ def _errors(*, debug: bool) -> Iterator[None]:
     except CkptAvgError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"Error: {terminal_safe(error)}", err=True)
         if isinstance(error, SelectionError) and error.plan_table:
-            click.echo(error.plan_table, err=True)
+            click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("Error: interrupted; no output was written", err=True)
@@ -302,20 +303,25 @@ def _errors(*, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         where = f"{error.filename}: " if error.filename else ""
-        click.echo(f"Error: {where}{error.strerror or error}", err=True)
+        click.echo(f"Error: {terminal_safe(f'{where}{error.strerror or error}')}", err=True)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - a bug: one line, and --debug shows where
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: internal error: {type(error).__name__}: {error} (run with --debug for details)", err=True)
+        message = terminal_safe(f"{type(error).__name__}: {error}")
+        click.echo(f"Error: internal error: {message} (run with --debug for details)", err=True)
         sys.exit(1)
 
 
 def entry() -> None:
-    """Console entry point: `ckpt-avg inspect ...` is its own command; anything else averages."""
+    """Console entry point: `ckpt-avg inspect ...` and `verify ...` are their own commands; anything else averages."""
     if sys.argv[1:2] == ["inspect"]:
         from .inspect_cli import inspect_command
 
         inspect_command(args=sys.argv[2:], prog_name="ckpt-avg inspect")
+    elif sys.argv[1:2] == ["verify"]:
+        from .verify_cli import verify_command
+
+        verify_command(args=sys.argv[2:], prog_name="ckpt-avg verify")
     else:
         main()

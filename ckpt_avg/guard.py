@@ -1,15 +1,18 @@
 """What OUTPUT may be, so that no option ever costs the user a checkpoint.
 
 OUTPUT is never one of the checkpoints found (selected or not), never a directory that
-holds them, and `--force` replaces an existing directory only when ckpt-avg wrote it.
-Outputs carry a provenance marker, so an earlier result found among the inputs is
-recognised and left out instead of being averaged again.
+holds them, and `--force` replaces an existing directory only when ckpt-avg wrote it and
+nothing else is in it. Outputs carry a provenance marker, so an earlier result found
+among the inputs is recognised and left out instead of being averaged again.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import re
+import stat
 import zipfile
 from collections.abc import Iterable
 
@@ -25,8 +28,34 @@ def is_directory_output(output: str) -> bool:
     return output.endswith(("/", os.sep)) or os.path.isdir(output)
 
 
-def validate_output_name(output: str, *, max_shard_size: str | None) -> None:
-    """Usage errors in OUTPUT and --max-shard-size, before anything is read."""
+class OutputKind(enum.Enum):
+    """What OUTPUT is, decided once (in validation) and handed to the stages that need it."""
+
+    PYTORCH = "pt"  # .pt .pth .pth.tar .ckpt .bin: the last checkpoint's structure, averaged in place
+    SAFETENSORS = "safetensors"  # one flat file
+    HF_DIRECTORY = "hf"  # DIR/: model.safetensors, or shards and their index
+
+    @property
+    def keeps_structure(self) -> bool:
+        return self is OutputKind.PYTORCH
+
+
+def output_kind(output: str) -> OutputKind:
+    """The kind of OUTPUT, from its name (or an existing directory); a usage error if none."""
+    if is_directory_output(output):
+        return OutputKind.HF_DIRECTORY
+    if output.lower().endswith(".safetensors"):
+        return OutputKind.SAFETENSORS
+    if output.lower().endswith(PYTORCH_SUFFIXES):
+        return OutputKind.PYTORCH
+    raise UsageError(
+        f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin"
+        " or / for a directory"
+    )
+
+
+def validate_output_name(output: str, *, max_shard_size: str | None) -> OutputKind:
+    """Usage errors in OUTPUT and --max-shard-size, before anything is read; the output's kind."""
     from .write import parse_size
 
     directory = is_directory_output(output)
@@ -37,14 +66,24 @@ def validate_output_name(output: str, *, max_shard_size: str | None) -> None:
             raise UsageError(f"--max-shard-size: {exc}") from None
         if not directory:
             raise UsageError("--max-shard-size needs a directory OUTPUT (end it with /)")
-    if not directory and not output.lower().endswith(OUTPUT_SUFFIXES):
-        raise UsageError(
-            f"OUTPUT {output!r}: unknown format; end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin"
-            " or / for a directory"
-        )
+    kind = output_kind(output)
     parent = os.path.dirname(output.rstrip("/")) or "."
     if not os.path.isdir(parent):
+        blocking = _first_non_directory(parent)
+        if blocking is not None:
+            raise UsageError(f"OUTPUT {output!r}: {blocking!r} is a file, not a directory")
         raise UsageError(f"OUTPUT {output!r}: directory {parent!r} does not exist")
+    return kind
+
+
+def _first_non_directory(path: str) -> str | None:
+    """The nearest existing ancestor of `path` (itself included) when it is not a directory."""
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path if path and not os.path.isdir(path) else None
 
 
 def check_output(output: str, inputs: Iterable[tuple[str, tuple[str, ...]]], *, force: bool) -> None:
@@ -60,15 +99,61 @@ def check_output(output: str, inputs: Iterable[tuple[str, tuple[str, ...]]], *, 
                 raise OutputError(f"{output}: OUTPUT is one of the inputs ({display}); choose another name")
             if real.startswith(target.rstrip(os.sep) + os.sep):
                 raise OutputError(f"{output}: OUTPUT is a directory holding the input {display}; choose another name")
-    if not os.path.lexists(target):
+    name = output.rstrip("/") or output
+    if not os.path.lexists(name):
         return
     if not force:
         raise OutputError(f"{output}: already exists (use --force to overwrite)")
-    if os.path.isdir(target) and not is_ckpt_avg_output(target):
-        raise OutputError(
-            f"{output}: is a directory ckpt-avg did not write; --force replaces only earlier ckpt-avg output"
+    refusal = replace_refusal(name)
+    if refusal:
+        raise OutputError(f"{output}: {refusal}")
+
+
+def replace_refusal(path: str) -> str:
+    """Why `--force` may not replace the existing `path`, or "" when it may.
+
+    A file is replaced. A symbolic link is replaced as a link: what it points to is never
+    touched. A directory is replaced only when ckpt-avg wrote it and every entry in it is a
+    regular file that ckpt-avg writes there, so nothing the user added is ever deleted.
+    """
+    if os.path.islink(path) or not os.path.isdir(path):
+        return ""
+    if not is_ckpt_avg_output(path):
+        return (
+            "is a directory ckpt-avg did not write; --force replaces only earlier ckpt-avg output"
             " directories (remove it yourself or choose another name)"
         )
+    try:
+        foreign = _foreign_entry(path)
+    except OSError as exc:
+        return f"cannot list what is in it ({exc.strerror}); --force replaces only a directory it can check"
+    if foreign is not None:
+        return (
+            f"holds {foreign!r}, which ckpt-avg did not write; --force replaces a directory only when every entry"
+            " in it is from an earlier ckpt-avg output (move it out, or choose another name)"
+        )
+    return ""
+
+
+_SHARD = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors", re.ASCII)
+
+
+def written_names() -> frozenset[str]:
+    """The fixed names ckpt-avg writes into a directory OUTPUT (shards have numbered names)."""
+    from .writers import HF_SIDE_FILES
+
+    return frozenset({"model.safetensors", "model.safetensors.index.json", *HF_SIDE_FILES})
+
+
+def _foreign_entry(path: str) -> str | None:
+    """The first entry of directory `path` that is not a regular file ckpt-avg writes, or None."""
+    names = written_names()
+    for name in sorted(os.listdir(path)):
+        if name not in names and not _SHARD.fullmatch(name):
+            return name
+        if not stat.S_ISREG(os.lstat(os.path.join(path, name)).st_mode):
+            return name
+    return None
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -17,6 +17,7 @@ from .cli import main as _average_command
 from .cli_options import StrictCommand
 from .errors import UsageError
 from .inspect import DEFAULT_BAND, inspect_checkpoints, inspection_table, plot_inspection, require_matplotlib
+from .report import terminal_safe
 from .select import SelectOptions
 
 EPILOG = """\b
@@ -48,7 +49,9 @@ SHARED_OPTIONS = (
     help="Width of the settled band, as a multiple of the tail's median drift/prev. Example: --band 2",
 )
 @click.option(
-    "--plot", metavar="FILE.png", help="Also draw drift and metrics against the index. Example: --plot drift.png"
+    "--plot",
+    metavar="FILE.png",
+    help="Also draw drift, metrics and learning rate against the index. Example: --plot drift.png",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on stderr but errors.")
@@ -57,16 +60,22 @@ def inspect_command(**params: Any) -> None:
     """Show every checkpoint of a run, how far its weights moved, and where to start averaging.
 
     For each checkpoint the options keep (in index order t = 0..T, w[t] all its float
-    tensors): metrics found in the name or contents, drift/prev = ||w[t] - w[t-1]|| /
-    ||w[t-1]|| and drift/last = ||w[t] - w[T]|| / ||w[T]|| (L2, streamed tensor by tensor,
-    summed in float64; nothing is written).
+    tensors): metrics found in the name or contents, the learning rate stored with it
+    (optimizer or scheduler state, a Trainer's trainer_state.json; never tensor data),
+    drift/prev = ||w[t] - w[t-1]|| / ||w[t-1]|| and drift/last = ||w[t] - w[T]|| / ||w[T]||
+    (L2, streamed tensor by tensor, summed in float64; nothing is written).
 
     \b
-    Suggested --start: let m be the median drift/prev of the tail (the last quarter
-    of the steps, at least 2). The suggestion is the checkpoint ending the LAST step
-    whose drift/prev exceeds FACTOR * m (--band, default 1.5), or the first checkpoint
-    if none does: from there on the weights move no more than at the end of the run.
-    It is printed as a ready `ckpt-avg --start N INPUT... -o avg.pt`; 4 checkpoints at least.
+    Suggested --start, printed as a ready `ckpt-avg --start N INPUT... -o avg.pt`:
+    - by the learning rate where it has a schedule: the first checkpoint from which
+      it keeps its final value (the end of SWALR's annealing, a step schedule's last
+      drop), else the start of its last cycle;
+    - else by the drift: let m be the median drift/prev of the tail (the last quarter
+      of the steps, at least 2); the checkpoint ending the LAST step whose drift/prev
+      exceeds FACTOR * m (--band, default 1.5), or the first if none does. None when
+      the weights still drift along a straight line (straightness >= 0.9) or each
+      step is as long as the weights. 4 checkpoints at least.
+    Where the two rules disagree, both are shown.
     """
     with _errors(debug=params["debug"]):
         _run(params)
@@ -101,12 +110,12 @@ def _run(params: dict[str, Any]) -> None:
         )
     if not quiet:
         for warning in result.warnings:
-            click.echo(f"Warning: {warning}", err=True)
+            click.echo(f"Warning: {terminal_safe(warning)}", err=True)
     click.echo(result.to_json() if params["as_json"] else inspection_table(result))
     if plot is not None:
         plot_inspection(result, plot)
         if not quiet:
-            click.echo(f"Plot written to {plot}", err=True)
+            click.echo(f"Plot written to {terminal_safe(plot)}", err=True)
 
 
 @contextmanager

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 CHECKPOINT_SUFFIXES = (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 PYTORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
 
-_INT = r"0*(\d+)"
-_EPOCH = re.compile(r"(?:^|[^a-z])epoch[=_-]?" + _INT + r"(?![\d.])", re.IGNORECASE)
-_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?(?:step|iter)[=_-]?" + _INT + r"(?![\d.])", re.IGNORECASE)
+# ASCII digits only: `\d` also matches other scripts' digits, which int() reads, so
+# `epoch=١٢` would count as epoch 12 and sort among the real ones.
+_INT = r"0*([0-9]+)"
+_EPOCH = re.compile(r"(?:^|[^a-z])epoch[=_-]?" + _INT + r"(?![0-9.])", re.IGNORECASE)
+_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?(?:step|iter)[=_-]?" + _INT + r"(?![0-9.])", re.IGNORECASE)
 _FAIRSEQ_EPOCH = re.compile(r"^checkpoint" + _INT + r"$")
 _FAIRSEQ_UPDATE = re.compile(r"^checkpoint_" + _INT + "_" + _INT + r"$")
 _DASH_NUMBER = re.compile(r"^checkpoint-" + _INT + r"$")
@@ -25,15 +27,16 @@ _ESPNET_EPOCH = re.compile(r"^" + _INT + r"epoch$")
 _TORCHVISION_EPOCH = re.compile(r"^model_" + _INT + r"$")
 # NeMo's and Lightning's `...-epoch=3-last`, mmengine's `best_acc_epoch_3`: copies that still
 # name their index.
-_LAST_COPY = re.compile(r"-last(?:-v\d+)?$|^best_.+_(?:epoch|iter)_[0-9]+$", re.IGNORECASE)
+_LAST_COPY = re.compile(r"-last(?:-v[0-9]+)?$|^best_.+_(?:epoch|iter)_[0-9]+$", re.IGNORECASE)
 _NATURAL = re.compile(r"([0-9]+)")
-_METRIC = re.compile(r"(?:^|[-_ ])([A-Za-z][\w/.]*?)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=$|[-_ ])")
+_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_METRIC = re.compile(r"(?:^|[-_ ])([A-Za-z][\w/.]*?)=(" + _NUMBER + r")(?=$|[-_ ])")
 _ALIAS = re.compile(
-    r"^(?:last(?:-v\d+)?|checkpoint_last|checkpoint_best|checkpoint\.best_.*|best(?:-v\d+)?"
+    r"^(?:last(?:-v[0-9]+)?|checkpoint_last|checkpoint_best|checkpoint\.best_.*|best(?:-v[0-9]+)?"
     r"|model_best|recovery-.*|tmp|checkpoint_latest|latest"
     # torchvision's and ESPnet's resume copy; icefall's `best-valid-loss`;
     # ESPnet's `valid.acc.best` links and `valid.acc.ave_10best` averages.
-    r"|checkpoint|best-.*|.*\.best|.*\.ave(?:_\d+best)?)$",
+    r"|checkpoint|best-.*|.*\.best|.*\.ave(?:_[0-9]+best)?)$",
     re.IGNORECASE,
 )
 

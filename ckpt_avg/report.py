@@ -41,7 +41,8 @@ class Report:
     other_state_dicts: list[str] = field(default_factory=list)
     output: str | None = None
     files: list[FileRecord] = field(default_factory=list)
-    output_digest: str | None = None
+    output_digest: str | None = None  # checkpoint digest of the output's tensors, in `digest_scheme`
+    digest_scheme: str | None = None
     parameters: int = 0
     tensors: int = 0
     seconds: float = 0.0
@@ -61,6 +62,43 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def terminal_safe(text: object, *, newlines: bool = False) -> str:
+    r"""`text` with every character that a terminal would act on or not show written as an escape.
+
+    File names, keys, global names and metric names come from files and paths that someone
+    else may have made: raw, an escape sequence in them can erase a warning line, move the
+    cursor or retitle the window. Control characters (C0, DEL, C1), format characters
+    (bidirectional overrides, zero-width marks), line and paragraph separators, private-use,
+    unassigned and surrogate code points (undecodable bytes of a file name) are escaped;
+    a newline is kept only where `newlines` is true (a table made of escaped cells).
+
+    >>> terminal_safe("epoch=1\x1b[2K\r.pt")
+    'epoch=1\\x1b[2K\\r.pt'
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(_escape(char, newlines) for char in text)
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str, newlines: bool) -> str:
+    if char == "\n" and newlines:
+        return char
+    if char.isprintable():
+        return char
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def human_size(size: int) -> str:
@@ -87,7 +125,8 @@ def plan_table(report: Report) -> str:
         if c.legacy:
             note = (note + "; " if note else "") + "legacy format, loaded whole"
         number = _text(c.index) if numbered else ""
-        rows.append((mark, number, _text(c.epoch), _text(c.step), human_size(c.size), c.path, note))
+        path, note = terminal_safe(c.path), terminal_safe(note)
+        rows.append((mark, number, _text(c.epoch), _text(c.step), human_size(c.size), path, note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=False) if width) + "  " + r[-1]
@@ -102,7 +141,7 @@ def plan_table(report: Report) -> str:
     lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, {order}")
     if report.state_dict_key is not None:
         others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""
-        lines.append(f"state dict: {report.state_dict_key}{others}")
+        lines.append(terminal_safe(f"state dict: {report.state_dict_key}{others}"))
     return "\n".join(lines)
 
 
@@ -115,6 +154,6 @@ def summary_line(report: Report) -> str:
     indices = [c.index for c in chosen if c.index is not None]
     span = f"{report.by} {min(indices)}-{max(indices)}" if indices and report.by != "order" else "as given"
     return (
-        f"Averaged {len(chosen)} checkpoint(s) ({span}) into {report.output}: "
+        f"Averaged {len(chosen)} checkpoint(s) ({span}) into {terminal_safe(report.output)}: "
         f"{report.parameters:,} parameters in {report.tensors} tensors, {report.seconds:.1f}s"
     )

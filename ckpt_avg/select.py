@@ -250,8 +250,14 @@ def _best(pool: list[Candidate], by: str, k: int, metric: str, mode: str | None)
             f"--metric {metric}: no checkpoint records it (names like 'epoch=3-{metric}=0.231.ckpt'"
             " or a top-level value in the checkpoint)"
         )
+    # NaN is neither better nor worse than anything: ranked, it would land anywhere.
+    unranked = [c for c in pool if metric in c.metrics and math.isnan(c.metrics[metric])]
+    if unranked and len(without) + len(unranked) == len(pool):
+        raise SelectionError(f"--metric {metric}: every checkpoint that records it has the value NaN")
     entries = [PlanEntry(c, c.index(by), f"no {metric} recorded") for c in without]
-    scored = [c for c in pool if metric in c.metrics]
+    entries += [PlanEntry(c, c.index(by), f"{metric} is NaN; never among the --best") for c in unranked]
+    without += unranked
+    scored = [c for c in pool if c not in without]
     ranked = sorted(scored, key=lambda c: c.metrics[metric] if direction == "min" else -c.metrics[metric])
     for c in ranked[k:]:
         entries.append(PlanEntry(c, c.index(by), f"{metric}={c.metrics[metric]:g} not among the --best {k}"))

@@ -7,6 +7,7 @@ safetensors file, or a Hugging Face-style directory of one or more weight shards
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -186,9 +187,10 @@ def _trainer_state(directory: str) -> ContentMeta:
     metrics: dict[str, float] = {}
     for entry in state.get("log_history") or []:
         if isinstance(entry, dict):
-            metrics.update({k: float(v) for k, v in entry.items() if _as_float(v) is not None})
-    if isinstance(state.get("best_metric"), int | float):
-        metrics.setdefault("best_metric", float(state["best_metric"]))
+            metrics.update({k: number for k, v in entry.items() if (number := _as_float(v)) is not None})
+    best = _as_float(state.get("best_metric"))
+    if best is not None:
+        metrics.setdefault("best_metric", best)
     return ContentMeta(None, _as_int(state.get("global_step")), metrics)
 
 
@@ -196,9 +198,9 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+        return value if -_INDEX_LIMIT <= value < _INDEX_LIMIT else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # not other scripts' digits
+        return _as_int(int(value)) if len(value) < 30 else None
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item) and type(value).__module__.startswith("numpy"):
         result = item()
@@ -206,14 +208,29 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+# No run reaches an epoch or step beyond int64; a larger number (10**5000 from a crafted
+# file) is not an index, and would not even print (Python's int-to-str digit limit).
+_INDEX_LIMIT = 2**63
+
+
 def _as_float(value: Any) -> float | None:
     if isinstance(value, bool | Placeholder):
         return None
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return _int_as_float(value)
     if type(value).__module__.startswith("numpy"):
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     return None
+
+
+def _int_as_float(value: int) -> float:
+    """An int too large for a float is, as a metric, infinitely large."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf

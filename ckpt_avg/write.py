@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import math
 import mmap
@@ -29,6 +30,7 @@ import torch
 from .average import Unit
 from .discover import TEMP_PREFIX
 from .errors import OutputError
+from .guard import replace_refusal
 from .lazy import TensorLeaf, itemsize, load_leaf
 from .safetensors_file import HeaderEntry, layout
 
@@ -74,10 +76,9 @@ def remove_stale_temps(final_path: str) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            path = os.path.join(directory, name)
+        if pid.isascii() and pid.isdigit() and not _pid_alive(int(pid)):
             with contextlib.suppress(OSError):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
 
 
 def temp_path_for(final_path: str) -> str:
@@ -118,6 +119,9 @@ def commit(temp: str, final: str, *, force: bool) -> None:
             if os.path.lexists(final):
                 if not force:
                     raise OutputError(f"{final}: already exists (use --force to overwrite)")
+                refusal = replace_refusal(final)  # again: the user may have added a file since the start
+                if refusal:
+                    raise OutputError(f"{final}: {refusal}")
                 old = temp_path_for(final) + "-old"
                 os.rename(final, old)
                 try:
@@ -125,7 +129,7 @@ def commit(temp: str, final: str, *, force: bool) -> None:
                 except OSError:
                     os.rename(old, final)  # put the previous output back: nothing is lost
                     raise
-                shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+                _remove_replaced(old)
             else:
                 os.rename(temp, final)
         else:
@@ -135,22 +139,98 @@ def commit(temp: str, final: str, *, force: bool) -> None:
     _fsync_directory(directory)
 
 
+def _remove_replaced(old: str) -> None:
+    """Delete what OUTPUT was before: a link as a link (never what it points to), a directory whole."""
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)  # a partial removal still leaves the new OUTPUT whole
+    else:
+        os.remove(old)
+
+
 def discard(temp: str) -> None:
     with contextlib.suppress(OSError):
         shutil.rmtree(temp) if os.path.isdir(temp) else os.remove(temp)
 
 
-def open_temp(path: str) -> OutputFile:
+def open_temp(path: str, *, hashed: bool = False) -> OutputFile:
+    """A new file at `path`; with `hashed`, its sha256 is taken as it is written (`finish_file` returns it)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
-        raise OutputError(f"{os.path.dirname(path) or '.'}: cannot write the output here: {exc.strerror}") from None
-    return OutputFile(path, fd)
+        directory = os.path.dirname(path) or "."
+        raise OutputError(f"{_output_named(path)}: cannot write the output in {directory}: {exc.strerror}") from None
+    return OutputFile(path, fd, FileDigest() if hashed else None)
 
 
-def finish_file(file: OutputFile) -> None:
+def _output_named(temp: str) -> str:
+    """The OUTPUT a temp file stands for (`.ckpt-avg-tmp-NAME-PID-RANDOM` beside it), for messages."""
+    directory, name = os.path.split(temp)
+    if not name.startswith(TEMP_PREFIX):
+        return temp
+    return os.path.join(directory, name[len(TEMP_PREFIX) :].rsplit("-", 2)[0])
+
+
+def finish_file(file: OutputFile) -> str | None:
+    """Fsync and close; the file's sha256 where it was opened `hashed`."""
     os.fsync(file.fileno())
+    digest = file.digest.finish(file.fileno()) if file.digest is not None else None
     file.close()
+    return digest
+
+
+class FileDigest:
+    """The sha256 of a file taken from the bytes as they are written, for `--json`.
+
+    Bytes written where the hashed part ends are hashed at once. Bytes written further on
+    (a tied tensor's second copy, tensors placed before their turn) are read back from the
+    file when the hashed part reaches them. A rewrite of bytes already hashed (a header
+    that carries the output's digest, a zip record header patched with its CRC) makes the
+    whole file be read back at the end: sha256 cannot be resumed from the middle.
+    """
+
+    _READ_BYTES = 16 << 20
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        self.ahead: dict[int, int] = {}  # offset -> length of bytes written beyond `done`
+        self.rewritten = False
+        self.read_back = 0  # bytes hashed from the file rather than as written
+
+    def wrote(self, fd: int, view: memoryview, offset: int) -> None:
+        if self.rewritten or not len(view):
+            return
+        if offset < self.done:
+            self.rewritten = True
+        elif offset > self.done:
+            self.ahead[offset] = max(len(view), self.ahead.get(offset, 0))
+        else:
+            self.hasher.update(view)
+            self.done += len(view)
+            self._catch_up(fd, None)
+
+    def _catch_up(self, fd: int, end: int | None) -> None:
+        """Read back and hash what lies after `done`: the extents written ahead, or up to `end`."""
+        while True:
+            length = self.ahead.pop(self.done, None)
+            if length is None:
+                if end is None or self.done >= end:
+                    return
+                length = end - self.done
+            stop = self.done + length
+            while self.done < stop:
+                block = os.pread(fd, min(self._READ_BYTES, stop - self.done), self.done)
+                if not block:
+                    raise OSError(errno.EIO, "the output file ended while hashing it")
+                self.hasher.update(block)
+                self.done += len(block)
+                self.read_back += len(block)
+
+    def finish(self, fd: int) -> str:
+        if self.rewritten:
+            self.hasher, self.done, self.ahead = hashlib.sha256(), 0, {}
+        self._catch_up(fd, os.fstat(fd).st_size)
+        return self.hasher.hexdigest()
 
 
 # ---------------------------------------------------------------- output files
@@ -172,9 +252,10 @@ class OutputFile:
     with writeback started as they go so the final fsync has little left to do.
     """
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, digest: FileDigest | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.digest = digest
         self.position = 0
         self._direct_fd = _open_direct(path, fd)
         self._bounce: mmap.mmap | None = None
@@ -186,6 +267,11 @@ class OutputFile:
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
+        self._write(view, offset)
+        if self.digest is not None:
+            self.digest.wrote(self.fd, view, offset)
+
+    def _write(self, view: memoryview, offset: int) -> None:
         if self._direct_fd is None or len(view) < _DIRECT_MIN_BYTES:
             self._buffered(view, offset)
             return

@@ -9,16 +9,18 @@ import math
 import os
 import pickle
 import shutil
+import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .average import Digests
+from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
-from .guard import PROVENANCE_RECORD
+from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
     from .api import Options
     from .layout import Layout
 
-ZERO_DIGEST = "0" * 64
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
 HF_SIDE_FILES = (
     "config.json",
@@ -77,43 +78,71 @@ HF_SIDE_FILES = (
 @dataclass
 class Written:
     files: list[str]
-    output_digest: str
-    input_digests: list[str]
+    digests: Digests
     dropped: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # per file written, where asked for
+
+    @property
+    def output_digest(self) -> str:
+        return self.digests.output.root()
+
+    @property
+    def input_digests(self) -> list[str]:
+        return [d.root() for d in self.digests.inputs]
 
 
-# Runs the kernel into a sink: (sink, primary state dict only?) -> digests.
-Runner = Callable[[Any, bool], Digests]
+class Runner(Protocol):
+    """Runs the kernel into a sink and returns the digests.
+
+    `primary_only`: only the primary state dict; `order`: its names in the order to compute
+    them (the order of the file, so that a file's sha256 is taken as its bytes are written).
+    """
+
+    def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
-def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    """Write OUTPUT in the format its name asks for, atomically; `run` streams the tensors in."""
-    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+def write_output(
+    output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
+) -> Written:
+    """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
-    if output.lower().endswith(".safetensors"):
+    if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
 
 
-def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:
+def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
+    """The provenance with the digests in; placeholders of the same length where `digests` is None.
+
+    Each input records its checkpoint digest; `digest.tensors` has the output's digest per key,
+    so a tensor that changed is found by name and parts of the output can be checked alone.
+    """
     result: dict[str, Any] = json.loads(json.dumps(provenance))
     for position, record in enumerate(result["inputs"]):
-        record["tensor_digest"] = digests.inputs[position].hexdigest() if digests else ZERO_DIGEST
-    result["output_tensor_digest"] = digests.output.hexdigest() if digests else ZERO_DIGEST
+        record["tensor_digest"] = digests.inputs[position].root() if digests else ZERO_DIGEST
+    tensors = digests.output.hex_by_key() if digests else dict.fromkeys(sorted(names), ZERO_DIGEST)
+    if digests is not None and sorted(tensors) != sorted(names):
+        raise AssertionError("the output digests do not cover every tensor written")
+    result["digest"] = {
+        "scheme": SCHEME,
+        "output": digests.output.root() if digests else ZERO_DIGEST,
+        "tensors": tensors,
+    }
     return result
 
 
-def _provenance_text(provenance: dict[str, Any], digests: Digests | None) -> str:
-    return json.dumps(_with_digests(provenance, digests), sort_keys=True, separators=(",", ":"))
+def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> str:
+    return json.dumps(_with_digests(provenance, digests, names), sort_keys=True, separators=(",", ":"))
 
 
 @contextlib.contextmanager
-def _temp_file(output: str) -> Iterator[tuple[str, OutputFile]]:
+def _temp_file(output: str, hashed: bool) -> Iterator[tuple[str, OutputFile]]:
     temp = temp_path_for(output)
     file: OutputFile | None = None
     try:
         with signals_deferred():  # a Ctrl-C here must not leave an untracked temp file
-            file = open_temp(temp)
+            file = open_temp(temp, hashed=hashed)
         yield temp, file
     except BaseException:
         if file is not None:
@@ -137,21 +166,23 @@ def _write_safetensors(
     output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     entries = _entries(layout)
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         try:
-            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, None)})
-            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True)
+            names = layout.primary_names
+            placeholder = _provenance_text(provenance, None, names)
+            writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
+            digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True, list(writer.placement))
             final = SafetensorsWriter.header_bytes(
-                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
             file.pwrite(final, 0)
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written([output], digests, sha256={output: sha256} if sha256 else {})
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
@@ -170,7 +201,9 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
         discard(temp)
         raise
     try:
-        digests = _fill_directory(temp, layout, entries, shards, file_names, provenance, run, files)
+        digests, sha256 = _fill_directory(
+            temp, layout, entries, shards, file_names, provenance, run, files, options.hash_files
+        )
         commit(temp, output, force=options.force)
     except BaseException as exc:
         for file in files:
@@ -183,7 +216,7 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
     written = [os.path.join(output, n) for n in file_names]
     if len(shards) > 1:
         written.append(os.path.join(output, "model.safetensors.index.json"))
-    return Written(written, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs])
+    return Written(written, digests, sha256={os.path.join(output, n): d for n, d in sha256.items()})
 
 
 def _fill_directory(
@@ -195,28 +228,35 @@ def _fill_directory(
     provenance: dict[str, Any],
     run: Runner,
     files: list[OutputFile],
-) -> Digests:
-    """Write every shard (and the index) into the temp directory; `files` collects open handles."""
+    hashed: bool,
+) -> tuple[Digests, dict[str, str]]:
+    """Write every shard (and the index) into the temp directory; `files` collects open handles.
+
+    Returns the digests, and the sha256 of each file by name where `hashed`.
+    """
     writers: dict[str, SafetensorsWriter] = {}
     single = len(shards) == 1
     for names, file_name in zip(shards, file_names, strict=True):
-        file = open_temp(os.path.join(temp, file_name))
+        file = open_temp(os.path.join(temp, file_name), hashed=hashed)
         files.append(file)
         metadata = {"format": "pt"}
         if single:
-            metadata["ckpt_avg"] = _provenance_text(provenance, None)
+            metadata["ckpt_avg"] = _provenance_text(provenance, None, layout.primary_names)
         writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
         writers.update(dict.fromkeys(names, writer))
-    digests = run(SafetensorsSink(writers), True)
+    in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
+    digests = run(SafetensorsSink(writers), True, in_file_order)
+    sha256: dict[str, str | None] = {}
     if single:
-        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests)}
+        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, layout.primary_names)}
         files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
     else:
-        _write_index(temp, entries, shards, file_names, _with_digests(provenance, digests))
-    for file in files:
-        finish_file(file)
+        index = _with_digests(provenance, digests, layout.primary_names)
+        sha256["model.safetensors.index.json"] = _write_index(temp, entries, shards, file_names, index, hashed)
+    for file, file_name in zip(files, file_names, strict=True):
+        sha256[file_name] = finish_file(file)
     _copy_side_files(layout, temp)
-    return digests
+    return digests, {name: digest for name, digest in sha256.items() if digest is not None}
 
 
 def _write_index(
@@ -225,24 +265,69 @@ def _write_index(
     shards: list[list[str]],
     file_names: list[str],
     provenance: dict[str, Any],
-) -> None:
+    hashed: bool,
+) -> str | None:
     total = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in entries.values())
     weight_map = {name: file_name for names, file_name in zip(shards, file_names, strict=True) for name in names}
     index = {"metadata": {"total_size": total, "ckpt_avg": provenance}, "weight_map": dict(sorted(weight_map.items()))}
     path = os.path.join(directory, "model.safetensors.index.json")
-    with open_temp(path) as file:
+    file = open_temp(path, hashed=hashed)
+    try:
         file.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        os.fsync(file.fileno())
+        return finish_file(file)
+    finally:
+        file.close()
 
 
 def _copy_side_files(layout: Layout, directory: str) -> None:
+    """Copy the last Trainer directory's config and tokenizer files; say which were not copied and why."""
     last = layout.opened[-1].ref
     if not last.is_directory:
         return
     source = os.path.dirname(last.files[0])
     for name in sorted(os.listdir(source)):
-        if name in HF_SIDE_FILES and os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+        if name in HF_SIDE_FILES:
+            problem = copy_side_file(source, name, directory)
+            if problem:
+                layout.warnings.append(f"{os.path.join(source, name)}: not copied into the output: {problem}")
+
+
+def copy_side_file(source: str, name: str, directory: str) -> str:
+    """Copy `source/name` into `directory` if it is a regular file in `source`; else say why not.
+
+    A symbolic link is never followed (it could point at /proc/self/environ or a key file,
+    whose contents would then sit in an output that is shared), nor is anything that is
+    not a regular file on the input directory's own file system (a device, a FIFO, a file
+    mounted over the name). The copy is no more readable than the source.
+    """
+    path = os.path.join(source, name)
+    try:
+        before = os.lstat(path)
+        if stat.S_ISLNK(before.st_mode):
+            return "it is a symbolic link (side files are copied only when they are regular files)"
+        if not stat.S_ISREG(before.st_mode) or before.st_dev != os.stat(source).st_dev:
+            return "it is not a regular file in the input directory"
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror})"
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            return "it changed while it was being opened"
+        mode = stat.S_IMODE(opened.st_mode) & 0o644
+        with _new_file(os.path.join(directory, name), mode) as out:
+            shutil.copyfileobj(file, out)
+    return ""
+
+
+@contextlib.contextmanager
+def _new_file(path: str, mode: int) -> Iterator[IO[bytes]]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    with os.fdopen(fd, "wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
 
 
 # ---------------------------------------------------------------- .pt
@@ -260,24 +345,25 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
     averaged = {path[0] for path in layout.names if path}
     dropped = builder.dropped + _drop_unpicklable(tree, nested, averaged, layout.opened[-1].ref.display)
     archive = os.path.splitext(os.path.basename(output))[0] or "archive"
-    with _temp_file(output) as (temp, file):
+    with _temp_file(output, options.hash_files) as (temp, file):
         writer = PtWriter(file, archive)
         try:
             digests = run(PtSink(writer, storages), False)
             writer.end_storage()
             for storage, leaf in builder.extras:
                 copy_leaf(writer, storage, leaf)
+            names = layout.primary_names
             if nested:
-                tree["ckpt_avg"] = _with_digests(provenance, digests)
+                tree["ckpt_avg"] = _with_digests(provenance, digests, names)
             writer.record("data.pkl", pickle_tree(tree))
-            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests).encode())
+            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests, names).encode())
             writer.record(".format_version", b"1")
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")
             writer.record("version", b"3\n")
             writer.record(".data/serialization_id", _serialization_id(digests))
             writer.close()
-            finish_file(file)
+            sha256 = finish_file(file)
             commit(temp, output, force=options.force)
         except OSError as exc:
             writer.abandon()
@@ -285,12 +371,12 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
         except BaseException:
             writer.abandon()
             raise
-    return Written([output], digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
+    return Written([output], digests, dropped, {output: sha256} if sha256 else {})
 
 
 def _serialization_id(digests: Digests) -> bytes:
     # torch.save writes a random id; ours derives from the data so re-runs are byte-identical.
-    return str(int(digests.output.hexdigest()[:32], 16)).zfill(40)[:40].encode()
+    return str(int(digests.output.root()[:32], 16)).zfill(40)[:40].encode()
 
 
 class _TreeBuilder:

@@ -35,18 +35,13 @@ def _inputs(directory: Path, dtype: torch.dtype) -> list[dict[str, torch.Tensor]
     return states
 
 
-@pytest.fixture
-def tiny_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(average, "READ_BUDGET_BYTES", 64 << 10)
-    monkeypatch.setattr(average, "MAX_READ_BYTES", 8 << 10)
-    monkeypatch.setattr(average, "WRITE_BUDGET_BYTES", 24 << 10)
-    monkeypatch.setattr(average, "BLOCK_ELEMENTS", 1000)
+TINY = average.Budgets(read_bytes=64 << 10, max_read_bytes=8 << 10, write_bytes=24 << 10, block_elements=1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocked", [True, False], ids=["cpu-blocks", "device-path"])
 def test_many_chunks_and_blocks_stay_exact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_budgets: None, dtype: torch.dtype, blocked: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, blocked: bool
 ) -> None:
     states = _inputs(tmp_path / "ckpts", dtype)
     if not blocked:
@@ -58,7 +53,7 @@ def test_many_chunks_and_blocks_stay_exact(
 
         monkeypatch.setattr(average.Engine, "__init__", whole_chunks)
     out = tmp_path / "avg.safetensors"
-    report = average_checkpoints([str(tmp_path / "ckpts")], str(out), weights=(1.0, 2.0, 3.0, 4.0))
+    report = average_checkpoints([str(tmp_path / "ckpts")], str(out), weights=(1.0, 2.0, 3.0, 4.0), budgets=TINY)
     result = load_file(out)
     for key in ("big", "odd", "tiny"):
         expected = oracle_mean([s[key] for s in states], weights=[1.0, 2.0, 3.0, 4.0])
@@ -67,13 +62,11 @@ def test_many_chunks_and_blocks_stay_exact(
     assert report.output_digest is not None
 
 
-def test_budgets_do_not_change_the_bytes_or_digests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budgets_do_not_change_the_bytes_or_digests(tmp_path: Path) -> None:
     _inputs(tmp_path / "ckpts", torch.float32)
     first = average_checkpoints([str(tmp_path / "ckpts")], str(tmp_path / "a.safetensors"))
-    monkeypatch.setattr(average, "READ_BUDGET_BYTES", 64 << 10)
-    monkeypatch.setattr(average, "MAX_READ_BYTES", 8 << 10)
-    monkeypatch.setattr(average, "BLOCK_ELEMENTS", 1000)
-    second = average_checkpoints([str(tmp_path / "ckpts")], str(tmp_path / "a2.safetensors"))
+    small = average.Budgets(read_bytes=64 << 10, max_read_bytes=8 << 10, block_elements=1000, read_threads=3)
+    second = average_checkpoints([str(tmp_path / "ckpts")], str(tmp_path / "a2.safetensors"), budgets=small)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "a2.safetensors").read_bytes()
     assert first.output_digest == second.output_digest
     assert [c.tensor_digest for c in first.selected] == [c.tensor_digest for c in second.selected]
@@ -94,13 +87,13 @@ def _strided_inputs(directory: Path, count: int) -> list[dict[str, torch.Tensor]
     return states
 
 
-def test_strided_views_stay_exact_and_digest_like_contiguous_ones(tmp_path: Path, tiny_budgets: None) -> None:
+def test_strided_views_stay_exact_and_digest_like_contiguous_ones(tmp_path: Path) -> None:
     states = _strided_inputs(tmp_path / "views", 5)
     (tmp_path / "dense").mkdir()
     for epoch, state in enumerate(states):
         save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "dense" / f"epoch_{epoch}.safetensors")
-    views = average_checkpoints([str(tmp_path / "views")], str(tmp_path / "a.safetensors"))
-    dense = average_checkpoints([str(tmp_path / "dense")], str(tmp_path / "b.safetensors"))
+    views = average_checkpoints([str(tmp_path / "views")], str(tmp_path / "a.safetensors"), budgets=TINY)
+    dense = average_checkpoints([str(tmp_path / "dense")], str(tmp_path / "b.safetensors"), budgets=TINY)
     result = load_file(tmp_path / "a.safetensors")
     for key in states[0]:
         assert torch.equal(result[key], oracle_mean([s[key] for s in states])), key
@@ -151,3 +144,24 @@ def test_averaging_in_a_loop_does_not_leak_file_descriptors(tmp_path: Path) -> N
         for kind in ("st", "pt"):
             average_checkpoints([str(tmp_path / kind)], str(tmp_path / f"{kind}{run}.pt"))
     assert open_descriptors() - before < 4, "input files stay open after the run"
+
+
+def _cores_in_child(env: dict[str, str], affinity: set[int] | None) -> int:
+    code = (
+        "import os\n"
+        + (f"os.sched_setaffinity(0, {affinity!r})\n" if affinity is not None else "")
+        + "from ckpt_avg.average import usable_cores\nprint(usable_cores())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_threads_follow_the_cores_this_process_may_use() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_WORLD_SIZE"}
+    allowed = len(os.sched_getaffinity(0))
+    assert _cores_in_child(env, None) == allowed
+    assert _cores_in_child(env, {min(os.sched_getaffinity(0))}) == 1  # taskset -c 0
+    assert _cores_in_child({**env, "LOCAL_WORLD_SIZE": str(allowed)}, None) == 1  # torchrun, a rank per core
+    assert _cores_in_child({**env, "LOCAL_WORLD_SIZE": "many"}, None) == allowed
+    assert average.Budgets(read_threads=3, arith_threads=2).threads() == (3, 2)

@@ -139,7 +139,7 @@ def test_output_under_a_regular_file(small: Inputs, tmp_path: Path) -> None:
     blocker.write_text("x")
     result = run_cli(small.directory, "-o", blocker / "avg.pt", expect=2)
     assert result.stderr.splitlines()[-1].startswith("Error: ")
-    assert str(blocker) in result.stderr and "does not exist" in result.stderr
+    assert str(blocker) in result.stderr and "is a file, not a directory" in result.stderr
     assert blocker.read_text() == "x"
     small.assert_unchanged()
 

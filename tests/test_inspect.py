@@ -145,7 +145,8 @@ def test_json_is_one_parseable_document(synthetic_run: Path) -> None:
     first, last = data["rows"][0], data["rows"][-1]
     assert first["drift_prev"] is None and last["drift_last"] == 0.0
     assert first["metrics"] == {"val_loss": 1.0}
-    assert set(data["definitions"]) == {"drift_prev", "drift_last", "suggestion"}
+    assert set(data["definitions"]) == {"drift_prev", "drift_last", "suggestion", "lr", "straightness"}
+    assert data["schedule"] == "" and data["alternative"] is None and data["suggestion"]["rule"] == "drift"
 
 
 def test_plot_is_a_png_written_by_matplotlib(synthetic_run: Path, tmp_path: Path) -> None:
@@ -235,11 +236,13 @@ def test_real_lightning_run_through_the_console_script(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["epoch", "file", "size", "dtypes", "val_loss", "drift/prev", "drift/last"]
-    assert "checkpoints/epoch=0-val_loss=" in lines[1] and "f32:4" in lines[1]
+    assert lines[0].split() == ["epoch", "file", "size", "dtypes", "val_loss", "lr", "drift/prev", "drift/last"]
+    assert "checkpoints/epoch=0-val_loss=" in lines[1] and "f32:4" in lines[1] and "  0.05  " in lines[1]
     assert "12 checkpoint(s) inspected, ordered by epoch; state dict: state_dict, 4 float tensors" in result.stdout
-    assert "Suggested start: epoch " in result.stdout
-    assert lines[-1].startswith("  ckpt-avg --start ") and lines[-1].endswith(" checkpoints/ -o avg.pt")
+    # Full-batch-like descent at a constant rate: the weights travel a straight line, nothing settles.
+    assert "Learning rate: lr is 0.05 throughout, so the drift decides." in lines
+    assert lines[-1].startswith("No suggested start: the weights drift steadily to the end: from epoch ")
+    assert "ckpt-avg --start" not in result.stdout
     assert os.listdir(tmp_path) == ["checkpoints"]  # inspect writes nothing
 
 

@@ -581,7 +581,8 @@ def test_parameters_and_tensor_subclasses_in_zip_and_legacy_files_average(tmp_pa
 def test_pickles_that_build_huge_objects_are_refused_early(tmp_path: Path, case: str) -> None:
     with memory_guard(2 << 30):
         message = run_broken(tmp_path, "epoch=1.pt", zip_with_hyper_parameters(BOMBS[case]), suffix_out=".pt")
-    assert "builds more than" in message, message
+    # numpy.ndarray(shape) is refused before its size counts: it never builds uninitialised memory
+    assert "builds more than" in message or "uninitialised memory" in message, message
     assert (tmp_path / "epoch=1.pt").stat().st_size < 1 << 20
 
 

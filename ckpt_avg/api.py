@@ -35,6 +35,7 @@ from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
+from .torchfile import UnsupportedTensor
 from .unpickle import PicklePolicy, check_allow_global
 from .userpath import importable_from_cwd
 from .write import remove_stale_temps
@@ -413,6 +414,8 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
+        if kind.keeps_structure:
+            refuse_uncopyable_extras(layout)
         extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
         if extras:
             fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
@@ -542,6 +545,29 @@ def refuse_pickled_modules(last: OpenedCheckpoint, paths: Sequence[tuple[str, ..
                 f" write a state dict for load_state_dict with -o {_stem(output)}.safetensors, or add --trust-pickle"
                 " for files you trust (it imports the class and runs their code) to keep the model in a .pt file"
             )
+
+
+def refuse_uncopyable_extras(layout: Layout) -> None:
+    """Packed parameters of dynamic quantization hold quantized tensors, which cannot be copied."""
+    for path, entries in layout.extras.items():
+        for key, value in entries.items():
+            if _holds_unsupported(value, 0):
+                raise CheckpointError(
+                    f"{layout.opened[-1].ref.display}: state-dict entry {key!r}"
+                    f"{f' in {dotted(path)}' if path else ''} holds a quantized tensor (packed parameters)"
+                    " that cannot be copied into a .pt output; write .safetensors (the averaged float"
+                    " tensors, without it), or save the model before quantizing it"
+                )
+
+
+def _holds_unsupported(value: Any, depth: int) -> bool:
+    if isinstance(value, UnsupportedTensor):
+        return True
+    if depth < 8 and isinstance(value, list | tuple):
+        return any(_holds_unsupported(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, dict):
+        return any(_holds_unsupported(v, depth + 1) for v in value.values())
+    return False
 
 
 def _stem(output: str) -> str:

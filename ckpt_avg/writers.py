@@ -26,6 +26,7 @@ from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
+from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
 from .write import (
     OutputFile,
@@ -554,6 +555,9 @@ class _TreeBuilder:
             return _DROP
         if isinstance(node, Placeholder):
             self.dropped.append(_dotted(path) + f" ({node.global_name})")
+            return _DROP
+        if isinstance(node, UnsupportedTensor):  # never write our stand-in into a checkpoint
+            self.dropped.append(_dotted(path) + f" ({node.kind} tensor, cannot be copied)")
             return _DROP
         if isinstance(node, LazyTensor | torch.Tensor):
             return self._extra(node)

@@ -362,7 +362,7 @@ class _Run:
         )
         if needs_contents:
             return content_meta(self._open(ref))
-        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+        try:  # to see whether the name and the contents agree; legacy pickles take two passes: not them
             return content_meta(self._open(ref)) if cheap_to_open(ref) else None
         except CkptAvgError:
             return None  # read again, with its error, only if selected
@@ -382,8 +382,6 @@ class _Run:
             self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
-        if any(o.legacy for o in self.selected_opened):
-            self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
         for opened in self.selected_opened:
             if holds_lightning_swa_average(opened.tree):
                 self.warnings.append(

@@ -52,7 +52,7 @@ def open_checkpoint(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoin
 
 
 def cheap_to_open(ref: CheckpointRef) -> bool:
-    """Whether opening reads only metadata (not a legacy file, which loads whole)."""
+    """Whether opening is quick: not a legacy file, whose whole pickle is read twice (in pure Python)."""
     if ref.is_directory or ref.files[0].endswith(".safetensors"):
         return True
     try:

@@ -192,6 +192,7 @@ def test_accelerate_second_model_is_named_as_left_out(accelerate_runs: dict[str,
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
+
     output = tmp_path_factory.mktemp("trainer") / "out"
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)

@@ -1,0 +1,92 @@
+"""Red-team findings, third pass (issue 16's classes): each input is built as the red team built it.
+
+The promises checked, as a user meets them (the CLI in a fresh process where time, memory or
+the hash seed matter): a file of a few KB takes under 30 s and 1.5 GB; shared objects stay
+shared in a .pt output; outputs are byte-identical run to run; a refused input is one
+`Error:` line naming it, exit 1; nothing of the user's is deleted or copied that should not be.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from test_hostile_pickle2 import get, put, saved, zip_with
+
+MAX_SECONDS = 30
+MAX_RSS = 1_500_000_000
+
+_MEASURE = """
+import resource, sys, time
+from click.testing import CliRunner
+from ckpt_avg.cli import main
+
+start = time.monotonic()
+result = CliRunner().invoke(main, sys.argv[1:], catch_exceptions=False)
+sys.stderr.write(result.stderr)
+print(result.exit_code, time.monotonic() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+class Measured:
+    def __init__(self, done: subprocess.CompletedProcess[str]) -> None:
+        code, seconds, rss = done.stdout.split()
+        self.exit_code, self.seconds, self.rss = int(code), float(seconds), int(rss)
+        self.stderr = done.stderr
+
+
+def measured(*args: Any, cwd: Path | None = None, seed: str = "0") -> Measured:
+    """`ckpt-avg ARGS` in a fresh process: its exit, its time and its peak RSS."""
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=3 * MAX_SECONDS,
+        cwd=cwd,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    result = Measured(done)
+    assert result.seconds < MAX_SECONDS and result.rss < MAX_RSS, (result.seconds, result.rss)
+    return result
+
+
+def one_error_line(result: Measured, names: str) -> str:
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert names in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- 1. a graph of shared lists
+
+
+def shared_list_graph(levels: int = 60, base: int = 1_000_000) -> bytes:
+    """Each list holds the previous one twice: 1 KB of opcodes, 2**60 items walked as a tree."""
+    ops = b"]" + b"K\x01a" + put(base) + b"0"  # [1]
+    for level in range(1, levels):
+        ops += b"](" + get(base + level - 1) * 2 + b"e" + put(base + level) + b"0"
+    return ops + get(base + levels - 1)
+
+
+def test_a_graph_of_shared_lists_stays_shared_in_a_pt_output(tmp_path: Path) -> None:
+    (tmp_path / "epoch=0.pt").write_bytes(saved(legacy=False, seed=0, hyper={"lr": 0.1}))
+    (tmp_path / "epoch=1.pt").write_bytes(zip_with(shared_list_graph()))
+    outputs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        out = tmp_path / run / "avg.pt"
+        result = measured(tmp_path / "epoch=0.pt", tmp_path / "epoch=1.pt", "-o", out, "-q")
+        assert result.exit_code == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] and len(outputs[0]) < 100_000
+    node = torch.load(out, weights_only=True)["hyper_parameters"]
+    for _ in range(59):
+        assert isinstance(node, list) and len(node) == 2 and node[0] is node[1]
+        node = node[0]
+    assert node == [1]

@@ -21,7 +21,7 @@ import signal
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -488,12 +488,60 @@ class OutTensor:
         return (torch._utils._rebuild_tensor_v2, args)
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(pickle._Pickler):
+    """torch.save's pickle, with sets in a fixed order so that re-runs are byte-identical.
+
+    The pure-Python pickler: the C one writes an exact set in hash order and offers no hook
+    for it (PYTHONHASHSEED changes the order of strings between runs).
+    """
+
+    def __init__(self, file: IO[bytes], protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        self._keys: dict[int, bytes] = {}
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, OutStorage):
             storage_type = getattr(torch, _STORAGE_NAMES[obj.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.numel)
         return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, set | frozenset):
+            return NotImplemented
+        # What the C pickler writes for a set at protocol 2, with the items sorted.
+        items = sorted(obj, key=self._order_key)
+        return (type(obj), (items,), getattr(obj, "__dict__", None) or None)
+
+    def _order_key(self, item: Any) -> bytes:
+        """A digest of the item's value: total, fixed, and never its repr or str, which an
+        object from a pickle decides. Memoised by id, so a graph of shared tuples costs
+        once per distinct tuple."""
+        known = self._keys.get(id(item))
+        if known is not None:
+            return known
+        digest = hashlib.blake2b(_value_bytes(item, self._order_key), digest_size=16).digest()
+        self._keys[id(item)] = digest
+        return digest
+
+
+def _value_bytes(item: Any, key: Callable[[Any], bytes]) -> bytes:
+    if item is None or type(item) is bool:
+        return f"{type(item).__name__}:{item is True}".encode()
+    if type(item) is int:
+        return b"int:" + item.to_bytes((item.bit_length() + 8) // 8, "little", signed=True)
+    if type(item) is float:
+        return b"float:" + item.hex().encode()
+    if type(item) is complex:
+        return b"complex:" + item.real.hex().encode() + b"," + item.imag.hex().encode()
+    if type(item) is str:
+        return b"str:" + item.encode("utf-8", "surrogatepass")
+    if type(item) is bytes:
+        return b"bytes:" + item
+    if type(item) is tuple:
+        return b"tuple:" + b"".join(key(v) for v in item)
+    if type(item) is frozenset:
+        return b"frozenset:" + b"".join(sorted(key(v) for v in item))
+    raise pickle.PicklingError(f"a set holding a {type(item).__name__} cannot be written in a fixed order")
 
 
 def pickle_tree(tree: Any) -> bytes:

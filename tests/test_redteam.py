@@ -90,3 +90,24 @@ def test_a_graph_of_shared_lists_stays_shared_in_a_pt_output(tmp_path: Path) -> 
         assert isinstance(node, list) and len(node) == 2 and node[0] is node[1]
         node = node[0]
     assert node == [1]
+
+
+# ---------------------------------------------------------------- 2. sets in hash order
+
+
+def test_sets_are_written_in_a_fixed_order_whatever_the_hash_seed(tmp_path: Path) -> None:
+    hyper = {
+        "tags": {f"tag{k}" for k in range(20)},
+        "mixed": frozenset({1, "x", (2, "y", frozenset({"p", "q"})), b"z", None, 2.5, -(10**40), False}),
+    }
+    (tmp_path / "epoch=0.pt").write_bytes(saved(legacy=False, seed=0, hyper={"lr": 0.1}))
+    (tmp_path / "epoch=1.pt").write_bytes(saved(legacy=False, seed=1, hyper=hyper))
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        (tmp_path / seed).mkdir()
+        out = tmp_path / seed / "avg.pt"
+        assert measured(tmp_path / "epoch=0.pt", tmp_path / "epoch=1.pt", "-o", out, "-q", seed=seed).exit_code == 0
+        outputs.add(out.read_bytes())
+    assert len(outputs) == 1, "the output differs with PYTHONHASHSEED"
+    with torch.serialization.safe_globals([frozenset]):  # what torch.save writes for one, too
+        assert torch.load(out, weights_only=True)["hyper_parameters"] == hyper

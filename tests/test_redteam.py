@@ -111,3 +111,35 @@ def test_sets_are_written_in_a_fixed_order_whatever_the_hash_seed(tmp_path: Path
     assert len(outputs) == 1, "the output differs with PYTHONHASHSEED"
     with torch.serialization.safe_globals([frozenset]):  # what torch.save writes for one, too
         assert torch.load(out, weights_only=True)["hyper_parameters"] == hyper
+
+
+# ---------------------------------------------------------------- 3. --bn-data views
+
+
+_BN_MODEL = (
+    "import torch\ndef make_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))\n"
+)
+
+
+def bn_project(tmp_path: Path) -> Path:
+    (tmp_path / "bnm.py").write_text(_BN_MODEL)
+    (tmp_path / "ck").mkdir()
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        torch.save({"epoch": epoch, "state_dict": model.state_dict()}, tmp_path / "ck" / f"epoch={epoch}.ckpt")
+    for power in (27, 40):
+        torch.save(torch.randn(1, 4).expand(2**power, 4), tmp_path / f"data{power}.pt")
+    return tmp_path
+
+
+def test_bn_data_is_read_only_for_the_batches_used(tmp_path: Path) -> None:
+    project = bn_project(tmp_path)
+    bn = ("--bn-model", "bnm:make_model", "--bn-data")
+    for data in ("data27.pt", "data40.pt"):
+        result = measured("ck", "-o", "ex.pt", "--force", *bn, data, "--bn-batches", "3", cwd=project)
+        assert result.exit_code == 0, result.stderr
+    for data in ("data27.pt", "data40.pt"):  # every batch: 2 GB and more made from 16 bytes
+        result = measured("ck", "-o", f"{data}.out.pt", *bn, data, cwd=project)
+        one_error_line(result, f"--bn-data {data}: the input tensor is a view of 16 stored bytes")
+        assert not (project / f"{data}.out.pt").exists()

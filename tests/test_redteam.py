@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from test_hostile_pickle2 import get, put, saved, zip_with
 
 MAX_SECONDS = 30
@@ -24,17 +25,24 @@ _MEASURE = """
 import resource, sys, time
 from click.testing import CliRunner
 from ckpt_avg.cli import main
+from ckpt_avg.inspect_cli import inspect_command
 
+args = sys.argv[1:]
+command = inspect_command if args[:1] == ["inspect"] else main
 start = time.monotonic()
-result = CliRunner().invoke(main, sys.argv[1:], catch_exceptions=False)
+result = CliRunner().invoke(command, args[1:] if command is inspect_command else args, catch_exceptions=False)
 sys.stderr.write(result.stderr)
+sys.stdout.write(result.stdout)
+print()
 print(result.exit_code, time.monotonic() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
 class Measured:
     def __init__(self, done: subprocess.CompletedProcess[str]) -> None:
-        code, seconds, rss = done.stdout.split()
+        *lines, summary = done.stdout.splitlines()
+        code, seconds, rss = summary.split()
+        self.stdout = "\n".join(lines)
         self.exit_code, self.seconds, self.rss = int(code), float(seconds), int(rss)
         self.stderr = done.stderr
 
@@ -143,3 +151,39 @@ def test_bn_data_is_read_only_for_the_batches_used(tmp_path: Path) -> None:
         result = measured("ck", "-o", f"{data}.out.pt", *bn, data, cwd=project)
         one_error_line(result, f"--bn-data {data}: the input tensor is a view of 16 stored bytes")
         assert not (project / f"{data}.out.pt").exists()
+
+
+# ---------------------------------------------------------------- 4. deep JSON, deep directories
+
+
+def trainer_dir(directory: Path, seed: int, state: str) -> None:
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"a.weight": torch.randn(4, 4, generator=generator)}, directory / "model.safetensors")
+    (directory / "config.json").write_text('{"model_type": "x"}')
+    (directory / "trainer_state.json").write_text(state)
+
+
+def test_a_trainer_state_nested_200000_deep_is_an_error_naming_it(tmp_path: Path) -> None:
+    deep = '{"global_step": 5, "log_history": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    for step in (100, 200):
+        trainer_dir(tmp_path / f"checkpoint-{step}", step, deep if step == 200 else '{"global_step": 100}')
+    bad = tmp_path / "checkpoint-200" / "trainer_state.json"
+    one_error_line(measured("inspect", tmp_path), f"Error: {bad}: unreadable JSON: nested too deeply")
+
+
+def test_recursive_search_stops_at_a_depth_with_a_note(tmp_path: Path) -> None:
+    for epoch in range(2):
+        torch.save({"epoch": epoch, "state_dict": {"w": torch.full((2,), float(epoch))}}, tmp_path / f"e{epoch}.pt")
+    levels = [tmp_path / "deep"]
+    for _ in range(1200):  # deeper than Python's recursion limit
+        levels.append(levels[-1] / "d")
+    for level in levels:
+        level.mkdir()
+    try:
+        result = measured("--recursive", "--dry-run", tmp_path)
+        assert result.exit_code == 0, result.stderr
+        assert "more than 100 directory levels deep; not searched" in result.stdout
+    finally:
+        for level in reversed(levels):
+            level.rmdir()

@@ -15,9 +15,11 @@ import math
 import mmap
 import os
 import pickle
+import re
 import secrets
 import shutil
 import signal
+import stat
 import struct
 import zipfile
 from collections import OrderedDict
@@ -64,8 +66,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# The first thing ckpt-avg writes into a temp directory, removed just before the directory
+# becomes OUTPUT: the proof that a directory with a temp-like name is ours to delete.
+TEMP_MARKER = ".ckpt-avg-temp"
+_STALE_NAME = re.compile(r"([0-9]+)-[0-9a-f]{8}(-old)?", re.ASCII)
+
+
+def mark_temp_directory(temp: str) -> None:
+    with open(os.path.join(temp, TEMP_MARKER), "x", encoding="utf-8") as f:
+        f.write("a ckpt-avg temp directory: removed when its run ends\n")
+
+
 def remove_stale_temps(final_path: str) -> None:
-    """Delete temp files a killed run left beside OUTPUT (their process is gone)."""
+    """Delete what a killed run left beside OUTPUT (its process is gone), only where it is provably ours.
+
+    A regular file with a temp name goes; a link named `...-old` goes as a link (never what
+    it points to); a directory goes only when it carries TEMP_MARKER, or is a replaced
+    earlier output (`...-old`) whose every entry ckpt-avg writes, and only when all it holds
+    is regular files: nothing is ever removed recursively. Anything else is left alone.
+    """
     directory = os.path.dirname(final_path.rstrip("/")) or "."
     prefix = f"{TEMP_PREFIX}{os.path.basename(final_path.rstrip('/'))}-"
     try:
@@ -73,12 +92,33 @@ def remove_stale_temps(final_path: str) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isascii() and pid.isdigit() and not _pid_alive(int(pid)):
+        match = _STALE_NAME.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+        if match is not None and not _pid_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
-                _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
+                _remove_stale(os.path.join(directory, name), old=match.group(2) is not None)
+
+
+def _remove_stale(path: str, *, old: bool) -> None:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        if old:  # OUTPUT was a link, renamed aside by `commit`
+            os.remove(path)
+    elif stat.S_ISREG(mode):
+        if not old:
+            os.remove(path)
+    elif stat.S_ISDIR(mode):
+        ours = replace_refusal(path) == "" if old else os.path.isfile(os.path.join(path, TEMP_MARKER))
+        if ours:
+            _remove_flat_directory(path)
+
+
+def _remove_flat_directory(path: str) -> None:
+    """Remove a directory of regular files; one holding anything else is left as it is."""
+    entries = [os.path.join(path, n) for n in os.listdir(path)]
+    if all(stat.S_ISREG(os.lstat(e).st_mode) for e in entries):
+        for entry in sorted(entries, key=lambda e: os.path.basename(e) == TEMP_MARKER):  # the proof goes last
+            os.remove(entry)
+        os.rmdir(path)
 
 
 def temp_path_for(final_path: str) -> str:

@@ -27,6 +27,7 @@ from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
+    TEMP_MARKER,
     OutputFile,
     OutStorage,
     OutTensor,
@@ -38,6 +39,7 @@ from .write import (
     copy_leaf,
     discard,
     finish_file,
+    mark_temp_directory,
     open_temp,
     parse_size,
     pickle_tree,
@@ -200,9 +202,11 @@ def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], op
         discard(temp)
         raise
     try:
+        mark_temp_directory(temp)
         digests, sha256 = _fill_directory(
             temp, layout, entries, shards, file_names, provenance, run, files, options.hash_files
         )
+        os.remove(os.path.join(temp, TEMP_MARKER))  # OUTPUT holds only what ckpt-avg writes there
         commit(temp, output, force=options.force)
     except BaseException as exc:
         for file in files:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 from test_hostile_pickle2 import get, put, saved, zip_with
+
+from ckpt_avg.write import TEMP_MARKER
 
 MAX_SECONDS = 30
 MAX_RSS = 1_500_000_000
@@ -187,3 +190,41 @@ def test_recursive_search_stops_at_a_depth_with_a_note(tmp_path: Path) -> None:
     finally:
         for level in reversed(levels):
             level.rmdir()
+
+
+# ---------------------------------------------------------------- 5. stale temp names
+
+
+def test_only_provably_stale_temps_are_removed(tmp_path: Path) -> None:
+    """Names like a dead run's temps, planted beside OUTPUT: links to a victim, a user's directory."""
+    victim = tmp_path / "victimdir"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("precious")
+    (tmp_path / "victimfile.txt").write_text("precious")
+    for step in (100, 200):
+        trainer_dir(tmp_path / "in" / f"checkpoint-{step}", step, f'{{"global_step": {step}}}')
+    parent = tmp_path / "outparent"
+    parent.mkdir()
+    (parent / ".ckpt-avg-tmp-out-4000001-deadbeef").symlink_to(victim)
+    (parent / ".ckpt-avg-tmp-out-4000002-deadbeef").symlink_to(tmp_path / "victimfile.txt")
+    users = parent / ".ckpt-avg-tmp-out-4000003-deadbeef"
+    users.mkdir()
+    (users / "data.txt").write_text("mine")
+    (parent / ".ckpt-avg-tmp-avg.pt-4000004-deadbeef").symlink_to(victim)
+    ours = parent / ".ckpt-avg-tmp-out-4000005-cafebabe"  # what a killed run leaves: the marker first
+    ours.mkdir()
+    (ours / TEMP_MARKER).write_text("x")
+    (ours / "model.safetensors").write_bytes(b"half")
+    nested = parent / ".ckpt-avg-tmp-out-4000006-cafebabe"  # marked, but holds a directory: never recursed
+    (nested / "sub").mkdir(parents=True)
+    (nested / TEMP_MARKER).write_text("x")
+    (nested / "sub" / "data.txt").write_text("mine")
+    stale_file = parent / ".ckpt-avg-tmp-avg.pt-4000007-0123abcd"
+    stale_file.write_bytes(b"half a file")
+    for output in (f"{parent / 'out'}/", parent / "avg.pt", parent / "avg.safetensors"):
+        run_cli(tmp_path / "in", "-o", output, "-q")
+    assert (victim / "precious.txt").read_text() == "precious"
+    assert (tmp_path / "victimfile.txt").read_text() == "precious"
+    assert (users / "data.txt").read_text() == "mine" and (nested / "sub" / "data.txt").read_text() == "mine"
+    assert not ours.exists() and not stale_file.exists()
+    assert sorted(os.listdir(parent / "out")) == ["config.json", "model.safetensors"]  # no marker in OUTPUT

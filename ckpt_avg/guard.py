@@ -9,7 +9,6 @@ among the inputs is recognised and left out instead of being averaged again.
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 import stat
@@ -17,6 +16,7 @@ import zipfile
 from collections.abc import Iterable
 
 from .errors import CheckpointError, OutputError, UsageError
+from .jsonfile import read_json
 from .naming import PYTORCH_SUFFIXES
 from .safetensors_file import read_header
 
@@ -181,8 +181,7 @@ def is_ckpt_avg_output(path: str) -> bool:
 def _is_our_directory(path: str) -> bool:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            metadata = json.load(f).get("metadata")
+        metadata = read_json(index).get("metadata")
         return isinstance(metadata, dict) and "ckpt_avg" in metadata
     single = os.path.join(path, "model.safetensors")
     return os.path.isfile(single) and "ckpt_avg" in read_header(single).metadata

@@ -18,7 +18,6 @@ hold the rate the NEXT epoch trains with: the rate training continues at from th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .jsonfile import read_json
 from .lazy import LazyTensor, leaf_numel, read_leaf_range
 from .sources import OpenedCheckpoint
 
@@ -100,8 +100,7 @@ def read_rate(opened: OpenedCheckpoint) -> Rate | None:
 def trainer_state_rate(path: str) -> Rate | None:
     """The last `learning_rate` a Hugging Face Trainer logged before saving (`trainer_state.json`)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(path)
     except (OSError, ValueError):
         return None
     history = state.get("log_history") if isinstance(state, dict) else None

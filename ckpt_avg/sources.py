@@ -6,7 +6,6 @@ safetensors file, or a Hugging Face-style directory of one or more weight shards
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import OrderedDict
@@ -15,6 +14,7 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
+from .jsonfile import read_json
 from .modules import module_classes, replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
@@ -178,8 +178,7 @@ def _metrics(tree: dict[Any, Any]) -> dict[str, float]:
 def _trainer_state(directory: str) -> ContentMeta:
     path = os.path.join(directory, "trainer_state.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(path)
     except (OSError, ValueError):
         return ContentMeta()
     if not isinstance(state, dict):

@@ -19,6 +19,7 @@ from .digest import FORMAT_VERSION, SCHEME, TensorDigests, digest_leaves
 from .discover import discover, hf_weight_files
 from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import PROVENANCE_RECORD, OutputKind, output_kind
+from .jsonfile import read_json
 from .layout import strip_prefixes
 from .safetensors_file import read_header
 from .sources import open_checkpoint
@@ -97,8 +98,7 @@ def read_provenance(output: str) -> dict[str, Any] | None:
         if kind is OutputKind.HF_DIRECTORY:
             index = os.path.join(output, "model.safetensors.index.json")
             if os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    metadata = json.load(f).get("metadata")
+                metadata = read_json(index).get("metadata")
                 found = metadata.get("ckpt_avg") if isinstance(metadata, dict) else None
                 return found if isinstance(found, dict) else None
             output = os.path.join(output, "model.safetensors")

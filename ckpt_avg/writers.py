@@ -29,6 +29,7 @@ from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
 from .write import (
+    TEMP_MARKER,
     OutputFile,
     OutStorage,
     OutTensor,
@@ -41,6 +42,7 @@ from .write import (
     discard,
     finish_file,
     fsync_path,
+    mark_temp_directory,
     open_temp,
     parse_size,
     pickle_tree,
@@ -307,6 +309,11 @@ def make_staging(path: str, output: str) -> None:
     except BaseException:
         discard(path)
         raise
+    try:
+        mark_temp_directory(path)
+    except BaseException:
+        discard(path)
+        raise
 
 
 def write_files(
@@ -379,6 +386,7 @@ def finalize_directory(
         problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging)
         if problem:
             warn(f"{source}: not copied into the output: {problem}")
+    os.remove(os.path.join(staging, TEMP_MARKER))  # OUTPUT holds only what ckpt-avg writes there
     fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]
@@ -521,6 +529,7 @@ class _TreeBuilder:
         self.dropped: list[str] = []
         self._tensors: dict[int, OutTensor] = {}
         self._extra_by_tie: dict[tuple[object, ...], OutStorage] = {}
+        self._copies: dict[int, Any] = {}  # id of a node of the input tree -> its copy
 
     def build(self) -> Any:
         last = self.layout.opened[-1].tree
@@ -561,19 +570,39 @@ class _TreeBuilder:
             return _DROP
         if isinstance(node, LazyTensor | torch.Tensor):
             return self._extra(node)
+        if id(node) in self._copies:
+            # A shared object stays shared: walking it once per path is exponential in a
+            # graph of lists that each hold the previous one twice (a 2 KB file).
+            return self._copies[id(node)]
         if isinstance(node, dict):
             return self._mapping(node, path)
-        if isinstance(node, list | tuple):
-            items = [self._node(v, (*path, str(i))) for i, v in enumerate(node)]
-            kept = [v for v in items if v is not _DROP]
-            try:  # torch.Size and named tuples stay what they were
-                return type(node)(*kept) if hasattr(node, "_fields") else type(node)(kept)
-            except Exception:  # noqa: BLE001 - a sequence type that cannot be rebuilt so: a list
-                return kept
+        if isinstance(node, list):
+            result: list[Any] = []
+            self._copies[id(node)] = result  # before the items: a list may hold itself
+            result.extend(v for v in self._items(node, path) if v is not _DROP)
+            return result
+        if isinstance(node, tuple):
+            return self._sequence(node, path)
         return node
 
+    def _items(self, node: list[Any] | tuple[Any, ...], path: tuple[str, ...]) -> list[Any]:
+        return [self._node(v, (*path, str(i))) for i, v in enumerate(node)]
+
+    def _sequence(self, node: Any, path: tuple[str, ...]) -> Any:
+        items = self._items(node, path)
+        if id(node) in self._copies:  # reached again through a list inside it
+            return self._copies[id(node)]
+        kept = [v for v in items if v is not _DROP]
+        try:  # torch.Size and named tuples stay what they were
+            result = type(node)(*kept) if hasattr(node, "_fields") else type(node)(kept)
+        except Exception:  # noqa: BLE001 - a sequence type that cannot be rebuilt so: a list
+            result = kept
+        self._copies[id(node)] = result
+        return result
+
     def _mapping(self, node: dict[Any, Any], path: tuple[str, ...]) -> Any:
-        items: list[tuple[Any, Any]] = []
+        result = _empty_like(node)
+        self._copies[id(node)] = result  # before the items: a dict may hold itself
         for key, value in node.items():
             if path == () and key in TRAINING_STATE_NAMES:
                 self.dropped.append(f"{key} (training state)")
@@ -586,18 +615,8 @@ class _TreeBuilder:
                 self.dropped.append(f"{_dotted((*path, str(key)))} (nests too deeply to copy)")
                 continue
             if child is not _DROP:
-                items.append((key, child))
-        try:
-            # A copy keeps the subclass and what it carries (a defaultdict's factory, an
-            # AttributeDict's attributes); items go in one by one, as `update` would count them
-            # in a Counter.
-            result = copy.copy(node)
-            result.clear()
-            for key, child in items:
-                result[key] = child
-            return result
-        except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
-            return dict(items)
+                result[key] = child  # one by one, as `update` would count them in a Counter
+        return result
 
     def _node_of_leaf(self, leaf: Any) -> Any:
         copied = self._node(leaf, ("(module buffer)",))
@@ -611,6 +630,17 @@ class _TreeBuilder:
             self._extra_by_tie[tie] = storage
             self.extras.append((storage, leaf))
         return OutTensor(storage, tuple(leaf.shape))
+
+
+def _empty_like(node: dict[Any, Any]) -> dict[Any, Any]:
+    """An empty copy that keeps the subclass and what it carries (a defaultdict's factory,
+    an AttributeDict's attributes)."""
+    try:
+        result = copy.copy(node)
+        result.clear()
+        return result
+    except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
+        return {}
 
 
 class _Drop:
@@ -631,6 +661,11 @@ def _drop_unpicklable(tree: Any, nested: bool, averaged: set[Any], where: str) -
     """
     if not nested or not isinstance(tree, dict):
         return []
+    try:
+        pickle_tree(tree)
+        return []  # the usual case, in one pass: an entry at a time re-walks what entries share
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
+        pass
     dropped = []
     for key in list(tree):
         try:

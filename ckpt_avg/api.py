@@ -16,13 +16,12 @@ import shlex
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import __version__
-from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
+from ._version import __version__
+from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import CheckpointError, CkptAvgError, UsageError
@@ -31,6 +30,7 @@ from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .modules import pickled_modules
 from .naming import PYTORCH_SUFFIXES
+from .options import Options as Options  # re-exported: `from ckpt_avg.api import Options` keeps working
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
@@ -53,34 +53,6 @@ DTYPES = {
     "fp64": torch.float64,
     "double": torch.float64,
 }
-
-
-@dataclass(frozen=True)
-class Options:
-    """Every choice a run takes; the CLI's options map onto these one to one."""
-
-    recursive: bool = False
-    glob: str | None = None
-    select: SelectOptions = field(default_factory=SelectOptions)
-    key: str | None = None
-    strip_prefix: tuple[str, ...] = ()
-    weights: tuple[float, ...] | None = None
-    ema: float | None = None
-    dtype: str | None = None
-    accum_dtype: str = "float64"
-    device: str = "cpu"
-    int_policy: str = "error"
-    allow_nonfinite: bool = False
-    trust_pickle: bool = False
-    allow_global: tuple[str, ...] = ()
-    force: bool = False
-    max_shard_size: str | None = None
-    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
-    bn_model: str | None = None  # MODULE:CALLABLE returning the model
-    bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
-    bn_batch_size: int = 32
-    bn_batches: int | None = None
-    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:

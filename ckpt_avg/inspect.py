@@ -40,12 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
-from .api import Options, _Run, _validate
+from ._version import __version__
+from .api import _Run, _validate
 from .average import Unit
 from .errors import CkptAvgError
 from .guard import OutputKind
 from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize, leaf_numel, read_leaf_range
+from .options import Options
 from .report import human_size, terminal_safe
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start

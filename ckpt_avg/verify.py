@@ -263,7 +263,7 @@ def _check_inputs(
 
 def recorded_options(provenance: dict[str, Any], *, trust_pickle: bool, allow_global: tuple[str, ...]) -> Any:
     """The averaging options the provenance records, as `Options` (selection: only `by`)."""
-    from .api import Options
+    from .options import Options
     from .select import SelectOptions
 
     options = provenance.get("options") or {}

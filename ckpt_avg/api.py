@@ -24,6 +24,7 @@ from ._version import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
+from .dtypes import BY_OPTION, OUTPUT_CHOICES
 from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
 from .indices import candidate_from, mark_copies
@@ -40,19 +41,7 @@ from .userpath import importable_from_cwd
 from .write import remove_stale_temps
 from .writers import write_output
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
+DTYPES = BY_OPTION  # --dtype's spellings
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -216,8 +205,8 @@ def _validate(options: Options, output: str | None = None) -> OutputKind | None:
     """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
-    if options.accum_dtype not in ("float64", "float32", "fp64", "fp32", "double", "float"):
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_CHOICES)}, not {options.dtype!r}")
+    if BY_OPTION.get(options.accum_dtype) not in (torch.float64, torch.float32):
         raise UsageError(f"--accum-dtype must be float64 or float32, not {options.accum_dtype!r}")
     if options.int_policy not in ("error", "last"):
         raise UsageError(f"--int-policy must be error or last, not {options.int_policy!r}")
@@ -538,7 +527,7 @@ def _without_earlier_outputs(found: Discovery) -> Discovery:
 
 
 def engine_options(options: Options, count: int, overrides: dict[str, torch.Tensor] | None = None) -> AverageOptions:
-    accumulate = torch.float32 if options.accum_dtype in ("float32", "fp32", "float") else torch.float64
+    accumulate = BY_OPTION[options.accum_dtype]
     return AverageOptions(
         weights=mixing_weights(count, options.weights, options.ema),
         accum_dtype=accumulate,

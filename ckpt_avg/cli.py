@@ -28,6 +28,7 @@ from .cli_options import (
     strip_prefix_option,
     trust_pickle_option,
 )
+from .dtypes import ACCUMULATOR_CHOICES, OUTPUT_CHOICES
 from .options import Options
 from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
@@ -102,12 +103,12 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+    type=click.Choice(OUTPUT_CHOICES),
     help="Output dtype of floating tensors (default: each tensor's own). Example: --dtype bfloat16",
 )
 @click.option(
     "--accum-dtype",
-    type=click.Choice(["float64", "float32"]),
+    type=click.Choice(ACCUMULATOR_CHOICES),
     default="float64",
     show_default=True,
     help="Accumulator dtype (float32 is faster, not exact). Example: --accum-dtype float32",

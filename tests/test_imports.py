@@ -101,3 +101,21 @@ def test_the_commands_share_options_without_importing_each_other() -> None:
             {"inspect_cli", "verify_cli"} if command == "cli" else set()
         )
         assert "cli_options" in graph[command]
+
+
+def test_subprocess_tests_run_this_tree() -> None:
+    """A test that starts the tool starts `sys.executable -m ckpt_avg` (the tree under test),
+    never whatever `ckpt-avg` the PATH finds."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _STARTERS:
+                program = node.args[0] if node.args else None
+                if isinstance(program, ast.List) and program.elts:
+                    first = program.elts[0]
+                    if isinstance(first, ast.Constant) and "ckpt" in str(first.value):
+                        found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+_STARTERS = {"run", "Popen", "check_output", "check_call", "call"}

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import CkptAvgError, SelectionError
+from .errors import CkptAvgError, SelectionError, UsageError
 from .report import terminal_safe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,7 +127,8 @@ def cli_errors(*, debug: bool) -> Iterator[None]:
     except CkptAvgError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {terminal_safe(error)}", err=True)
+        message = error.cli_message if isinstance(error, UsageError) else str(error)  # flags, not keywords
+        click.echo(f"Error: {terminal_safe(message)}", err=True)
         if isinstance(error, SelectionError) and error.plan_table:
             click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from conftest import leftovers, oracle_mean, run_cli
+from conftest import leftovers, make_run, oracle_mean, run_cli
 
 import ckpt_avg
 from ckpt_avg.cli import main
@@ -53,14 +53,7 @@ def lightning_like(directory: Path, epochs: int = 5, *, batchnorm: bool = True) 
 
 def flat(directory: Path, epochs: int = 4) -> list[dict[str, torch.Tensor]]:
     """`epoch_K.pt` flat state dicts without BatchNorm: a run that triggers no warning."""
-    directory.mkdir(parents=True, exist_ok=True)
-    states = []
-    for k in range(1, epochs + 1):
-        g = torch.Generator().manual_seed(100 + k)
-        sd = {"w": torch.randn(5, 5, generator=g), "b": torch.randn(5, generator=g)}
-        torch.save(sd, directory / f"epoch_{k}.pt")
-        states.append(sd)
-    return states
+    return make_run(directory, epochs=epochs, first_epoch=1, shapes={"w": (5, 5), "b": (5,)}).states
 
 
 def listing(directory: Path) -> dict[str, bytes]:

@@ -22,12 +22,13 @@ def entry() -> None:
     try:
         run()
     except SystemExit as leaving:
-        if threading.active_count() == 1:
+        if threading.active_count() == 1 and not _joined_a_process_group():
             raise
         # A worker thread interrupted inside torch (Ctrl-C, SIGTERM, an error) may still be
         # winding down. Interpreter shutdown would end it with pthread_exit through C++
         # frames, which aborts the process ("terminate called without an active exception",
         # status -6); the output's temp file is already gone, so leave without a shutdown.
+        # gloo's threads under torchrun do the same; every rank has settled by now.
         code = leaving.code
         if not isinstance(code, int):
             if code is not None:
@@ -36,3 +37,8 @@ def entry() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _joined_a_process_group() -> bool:
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()

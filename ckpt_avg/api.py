@@ -36,10 +36,11 @@ from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
+from .torchfile import UnsupportedTensor
 from .unpickle import PicklePolicy, check_allow_global
 from .userpath import importable_from_cwd
 from .write import remove_stale_temps
-from .writers import write_output
+from .writers import Written, ordered_visits, write_output
 
 DTYPES = BY_OPTION  # --dtype's spellings
 
@@ -60,14 +61,24 @@ def average_checkpoints(
     *,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    process_group: Any = None,
     **choices: Any,
 ) -> Report:
     """Average the selected checkpoints into OUTPUT and return the report.
 
     Keyword choices are a shortcut for the fields of `Options` and `SelectOptions`:
     `average_checkpoints(["ckpts/"], "avg.pt", start=20)`.
+
+    `process_group` (a `torch.distributed` group of several ranks, each calling this with the
+    same arguments) splits the writing of a directory OUTPUT over its ranks; the output is
+    the same bytes a single process writes.
     """
     options = _merge(options or Options(), choices)
+    if process_group is not None:
+        from .distributed import average_on_ranks, ranks_of
+
+        if ranks_of(process_group).world > 1:
+            return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
     kind = _validate(options, output)
     assert kind is not None
     started = time.monotonic()
@@ -82,13 +93,17 @@ def average_checkpoints(
     advance = progress or (lambda _: None)
 
     def runner(sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests:
-        visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
         if order is not None:  # the tensors in the order of the file (a unit is computed at its first name)
-            by_name = {v.name: v for v in visits}
-            visits = [by_name[name] for name in order]
+            visits = ordered_visits(layout.visits, order)
+        else:
+            visits = [v for v in layout.visits if v.digest] if primary_only else layout.visits
         return run_engine(layout, options, sink, advance, visits, overrides)
 
     written = write_output(output, kind, layout, run.provenance(), options, runner)
+    return _report(run, layout, written, output, started)
+
+
+def _report(run: _Run, layout: Layout, written: Written, output: str, started: float) -> Report:
     report = run.report(dry_run=False)
     report.output = output
     report.files = [FileRecord(p, written.sha256.get(p)) for p in written.files]
@@ -102,6 +117,11 @@ def average_checkpoints(
     report.dropped = written.dropped + run.second_models[1:]
     report.seconds = time.monotonic() - started
     return report
+
+
+def _batchnorm_refused(options: Options, where: str) -> None:
+    if options.bn_model is not None:
+        raise UsageError(f"--bn-model is not supported {where}: run the BatchNorm recompute in one process")
 
 
 def average_digests(inputs: Sequence[str], options: Options) -> tuple[Report, Digests]:
@@ -303,7 +323,7 @@ class _Run:
         )
         if needs_contents:
             return content_meta(self._open(ref))
-        try:  # to see whether the name and the contents agree; legacy files load whole: not them
+        try:  # to see whether the name and the contents agree; legacy pickles take two passes: not them
             return content_meta(self._open(ref)) if cheap_to_open(ref) else None
         except CkptAvgError:
             return None  # read again, with its error, only if selected
@@ -323,8 +343,6 @@ class _Run:
             self.warnings.append(self.second_models[0])
         if len(self.selected_opened) == 1:
             self.warnings.append("only one checkpoint is selected: the output holds its weights unchanged")
-        if any(o.legacy for o in self.selected_opened):
-            self.warnings.append("legacy (pre-zip) checkpoints are loaded whole, one at a time")
         for opened in self.selected_opened:
             if holds_lightning_swa_average(opened.tree):
                 self.warnings.append(
@@ -355,6 +373,8 @@ class _Run:
             out_dtype=out_dtype,
             warnings=self.warnings,
         )
+        if kind.keeps_structure:
+            refuse_uncopyable_extras(layout)
         extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
         if extras:
             fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
@@ -484,6 +504,29 @@ def refuse_pickled_modules(last: OpenedCheckpoint, paths: Sequence[tuple[str, ..
                 f" write a state dict for load_state_dict with -o {_stem(output)}.safetensors, or add --trust-pickle"
                 " for files you trust (it imports the class and runs their code) to keep the model in a .pt file"
             )
+
+
+def refuse_uncopyable_extras(layout: Layout) -> None:
+    """Packed parameters of dynamic quantization hold quantized tensors, which cannot be copied."""
+    for path, entries in layout.extras.items():
+        for key, value in entries.items():
+            if _holds_unsupported(value, 0):
+                raise CheckpointError(
+                    f"{layout.opened[-1].ref.display}: state-dict entry {key!r}"
+                    f"{f' in {dotted(path)}' if path else ''} holds a quantized tensor (packed parameters)"
+                    " that cannot be copied into a .pt output; write .safetensors (the averaged float"
+                    " tensors, without it), or save the model before quantizing it"
+                )
+
+
+def _holds_unsupported(value: Any, depth: int) -> bool:
+    if isinstance(value, UnsupportedTensor):
+        return True
+    if depth < 8 and isinstance(value, list | tuple):
+        return any(_holds_unsupported(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, dict):
+        return any(_holds_unsupported(v, depth + 1) for v in value.values())
+    return False
 
 
 def _stem(output: str) -> str:

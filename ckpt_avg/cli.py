@@ -213,17 +213,25 @@ def _run(params: dict[str, Any]) -> None:
     quiet = params["quiet"]
     if params["trust_pickle"] and not quiet:
         click.echo("Warning: --trust-pickle runs any code the checkpoints contain", err=True)
+    from .distributed import environment_rank, from_environment
+
     if params["dry_run"]:
         report = plan_checkpoints(params["inputs"], options)
+        if environment_rank() != 0:  # under torchrun, rank 0 prints the plan for every rank
+            return
         _warn(report, quiet)
         click.echo(report.to_json() if params["as_json"] else plan_table(report))
         return
     if not params["output"]:
         raise click.UsageError("missing -o OUTPUT (or use --dry-run)")
+    quiet = quiet or environment_rank() != 0  # under torchrun, rank 0 speaks for every rank
+    group = from_environment()
     with progress_bar(enabled=not quiet and sys.stderr.isatty(), desc="averaging") as (progress, on_total):
-        report = average_checkpoints(params["inputs"], params["output"], options, progress=progress, on_total=on_total)
+        report = average_checkpoints(
+            params["inputs"], params["output"], options, progress=progress, on_total=on_total, process_group=group
+        )
     _warn(report, quiet)
-    if params["as_json"]:
+    if params["as_json"] and environment_rank() == 0:
         click.echo(report.to_json())
     if not quiet:
         click.echo(summary_line(report), err=True)

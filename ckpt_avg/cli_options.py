@@ -128,7 +128,10 @@ def cli_errors(*, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         message = error.cli_message if isinstance(error, UsageError) else str(error)  # flags, not keywords
-        click.echo(f"Error: {terminal_safe(message)}", err=True)
+        if not getattr(error, "reported_elsewhere", False):  # another torchrun rank prints it
+            click.echo(f"Error: {terminal_safe(message)}", err=True)
+        if hasattr(error, "settle"):
+            error.settle()
         if isinstance(error, SelectionError) and error.plan_table:
             click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)

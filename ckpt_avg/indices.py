@@ -63,7 +63,10 @@ def _dash_file(where: str, info: NameInfo, meta: ContentMeta, neighbours: Sequen
     if icefall:
         # icefall saves checkpoint-<batch>.pt mid-epoch beside epoch-N.pt; its epoch is the one in progress.
         return dataclasses.replace(info, epoch=meta.epoch, step=number, mid_epoch=True, dash_file=False)
-    notes.append(f"{where}: checkpoint-{number} read as epoch {number} (timm's naming); --by step if it counts steps")
+    notes.append(
+        f"{where}: checkpoint-{number} read as epoch {number} (timm's naming; its contents store no epoch"
+        " or batch counter to tell)"
+    )
     return dataclasses.replace(info, dash_file=False)
 
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._version import __version__
-from .api import _Run, _validate
+from .api import _Run, _validate, parameter_count
 from .average import Unit
 from .dtypes import short_name
 from .errors import CkptAvgError
@@ -208,7 +208,7 @@ def inspect_checkpoints(
     suggestion, alternative, note = _choose(schedule, drift_position, note, suggest)
     return Inspection(
         version=__version__, by=run.plan.by, rows=rows, state_dict_key=dotted(run.choice.primary),
-        float_tensors=len(units), parameters=sum(u.numel for u in units), band=band,
+        float_tensors=len(units), parameters=parameter_count(layout), band=band,
         suggestion=suggestion, note=note, warnings=list(run.warnings), schedule=schedule.reason,
         alternative=alternative,
     )  # fmt: skip

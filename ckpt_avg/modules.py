@@ -22,10 +22,11 @@ _MAX_DEPTH = 64  # a module tree deeper than this is not a model
 class PickledModule(OrderedDict[str, Any]):
     """The state dict of a pickled module: its parameters and persistent buffers by dotted name."""
 
-    def __init__(self, class_name: str, module: Any, entries: OrderedDict[str, Any]) -> None:
+    def __init__(self, class_name: str, module: Any, entries: OrderedDict[str, Any], classes: set[str]) -> None:
         super().__init__(entries)
         self.class_name = class_name
         self.module = module  # the placeholder, or the real module under --trust-pickle
+        self.classes = classes  # of the module and its submodules: read as data, not left out
 
 
 def module_state(node: Any) -> dict[str, Any] | None:
@@ -62,11 +63,12 @@ def as_state_dict(node: Any) -> PickledModule | None:
     if state is None:
         return None
     entries: OrderedDict[str, Any] = OrderedDict()
-    _collect(state, "", entries, 0)
-    return PickledModule(class_name(node), node, entries)
+    classes = {class_name(node)}
+    _collect(state, "", entries, 0, classes)
+    return PickledModule(class_name(node), node, entries, classes)
 
 
-def _collect(state: dict[str, Any], prefix: str, entries: OrderedDict[str, Any], depth: int) -> None:
+def _collect(state: dict[str, Any], prefix: str, entries: OrderedDict[str, Any], depth: int, classes: set[str]) -> None:
     if depth > _MAX_DEPTH:
         return
     transient = state.get("_non_persistent_buffers_set") or set()
@@ -81,7 +83,8 @@ def _collect(state: dict[str, Any], prefix: str, entries: OrderedDict[str, Any],
         for name, child in children.items():
             child_state = module_state(child)
             if child_state is not None:
-                _collect(child_state, f"{prefix}{name}.", entries, depth + 1)
+                classes.add(class_name(child))
+                _collect(child_state, f"{prefix}{name}.", entries, depth + 1, classes)
 
 
 def replace_modules(tree: Any) -> Any:
@@ -95,6 +98,11 @@ def replace_modules(tree: Any) -> Any:
             if found is not None:
                 tree[key] = found
     return tree
+
+
+def module_classes(tree: Any) -> set[str]:
+    """The classes of the pickled modules in a tree: their tensors are used, nothing is left out."""
+    return {name for _, module in pickled_modules(tree) for name in module.classes}
 
 
 def pickled_modules(tree: Any) -> list[tuple[str, PickledModule]]:

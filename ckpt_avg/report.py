@@ -123,7 +123,7 @@ def plan_table(report: Report) -> str:
         elif not c.selected:
             note = c.reason
         if c.legacy:
-            note = (note + "; " if note else "") + "legacy format, loaded whole"
+            note = (note + "; " if note else "") + "legacy (pre-zip) format"
         number = _text(c.index) if numbered else ""
         path, note = terminal_safe(c.path), terminal_safe(note)
         rows.append((mark, number, _text(c.epoch), _text(c.step), human_size(c.size), path, note))

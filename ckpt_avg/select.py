@@ -187,8 +187,8 @@ def unindexed_found(plan: Plan) -> list[Candidate]:
 def refuse_unindexed_order(plan: Plan, options: Sequence[str]) -> None:
     """Never a silent order: options that need an order refuse names that carry none."""
     found = unindexed_found(plan)
-    if not found or not options:
-        return
+    if not found or not options or len(plan.entries) < 2:
+        return  # one checkpoint is in order
     names = ", ".join(c.ref.display for c in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     raise SelectionError(
         f"{' and '.join(options)} {'needs' if len(options) == 1 else 'need'} an order, but {names} carry no epoch"

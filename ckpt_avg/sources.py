@@ -15,7 +15,7 @@ from typing import Any
 
 from .discover import CheckpointRef
 from .errors import CheckpointError
-from .modules import replace_modules
+from .modules import module_classes, replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
 from .unpickle import PicklePolicy, Placeholder
@@ -52,7 +52,7 @@ def open_checkpoint(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoin
 
 
 def cheap_to_open(ref: CheckpointRef) -> bool:
-    """Whether opening reads only metadata (not a legacy file, which loads whole)."""
+    """Whether opening is quick: not a legacy file, whose whole pickle is read twice (in pure Python)."""
     if ref.is_directory or ref.files[0].endswith(".safetensors"):
         return True
     try:
@@ -75,11 +75,11 @@ def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedChe
         zipped = is_zip(path)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
-    if zipped:
-        loaded = load_zip(path, policy)
-        return OpenedCheckpoint(ref, replace_modules(loaded.obj), placeholders=loaded.placeholders)
-    loaded = load_legacy(path, policy)
-    return OpenedCheckpoint(ref, replace_modules(loaded.obj), legacy=True, placeholders=loaded.placeholders)
+    loaded = load_zip(path, policy) if zipped else load_legacy(path, policy)
+    tree = replace_modules(loaded.obj)
+    # A pickled model's classes were read as data (its tensors are averaged): not a loss to report.
+    placeholders = loaded.placeholders - module_classes(tree)
+    return OpenedCheckpoint(ref, tree, legacy=not zipped, placeholders=placeholders)
 
 
 def _open_directory(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import struct
 import tarfile
 import zipfile
@@ -70,7 +71,22 @@ def _rebuild_tensor_v2(
         raise CheckpointError("tensor without a storage record")
     if not (_is_int(storage_offset) and _are_ints(size) and _are_ints(stride) and len(size) == len(stride)):
         raise CheckpointError("a tensor with a malformed size, stride or offset")
+    _refuse_expansion(storage, storage.dtype, size)
     return LazyTensor(storage, storage.dtype, tuple(size), tuple(stride), storage_offset)
+
+
+# A view may repeat its storage (stride 0, from `expand`), and an average writes every
+# element it shows: a 4-byte storage seen as 2**40 elements would be a 4 TB output.
+MAX_EXPANSION_BYTES = 1 << 30
+
+
+def _refuse_expansion(storage: StorageRef, dtype: torch.dtype, size: Any) -> None:
+    elements = math.prod(size) if all(d >= 0 for d in size) else 0
+    if elements * itemsize(dtype) - storage.nbytes > MAX_EXPANSION_BYTES:
+        raise CheckpointError(
+            f"a tensor views its storage of {storage.nbytes:,} bytes as {elements:,} elements,"
+            f" more than {MAX_EXPANSION_BYTES:,} bytes beyond what the file holds"
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -94,6 +110,7 @@ def _rebuild_tensor_v3(
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"a tensor whose dtype is a {type(dtype).__name__}")
     tensor = _rebuild_tensor_v2(storage, storage_offset, size, stride)
+    _refuse_expansion(storage, dtype, size)
     tensor.dtype = dtype
     return tensor
 

@@ -609,8 +609,9 @@ def _reconstruct_object(cls: Any, base: Any, state: Any) -> Any:
         raise _Refused("it is not given a class")
     if issubclass(cls, Placeholder):
         return cls()
-    if not issubclass(cls, base):
-        raise _Refused("its class does not derive from its base")
+    native = [b for b in cls.__mro__ if not b.__flags__ & _HEAPTYPE and b is not object]
+    if not issubclass(cls, base) or native not in ([], [base]):
+        raise _Refused("its class is not a plain subclass of its base")  # dict.__new__(OrderedDict) is half-made
     made = base.__new__(cls)
     if base is not object:
         base.__init__(made, state)
@@ -848,8 +849,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         elif type(inst) in self.resolver.vouched:
             _set_attributes(inst, state)
         elif _buildable(inst, state, self.resolver):
-            self.stack.append(state)
-            pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+            _apply_state(inst, state)
         else:
             raise UnsafePickleError(f"pickle sets the state of {describe_object(inst)}, which it may not")
 
@@ -932,11 +932,44 @@ def _ndarray_state_bytes(state: Any) -> int:
         raise UnsafePickleError(f"pickle gives numpy.ndarray a state where {refused}") from None
 
 
+def _apply_state(inst: Any, state: Any) -> None:
+    """BUILD on an allowlisted object: its class's own __setstate__ (numpy's, omegaconf's), or its attributes.
+
+    `__setstate__` is looked up on the class, never the object: a first BUILD could have
+    put one in the object's __dict__ for the second to call.
+    """
+    setstate = getattr(type(inst), "__setstate__", None)
+    if setstate is not None:
+        setstate(inst, state)
+        return
+    slots = None
+    if type(state) is tuple and len(state) == 2:
+        state, slots = state
+    if state:
+        _set_attributes(inst, state)
+    if slots:
+        _attributes(inst, slots)  # names checked: no __class__ or __dict__ swap
+        for key, value in slots.items():
+            setattr(inst, key, value)
+
+
 def _set_attributes(inst: Any, state: Any) -> None:
     """BUILD on an allowed class's object: a plain update of its __dict__, no method runs."""
-    if not (type(state) is dict and all(type(k) is str for k in state)):
-        raise UnsafePickleError(f"pickle gives {describe_object(type(inst))} a state that is not a dict of attributes")
-    object.__getattribute__(inst, "__dict__").update(state)
+    object.__getattribute__(inst, "__dict__").update(_attributes(inst, state))
+
+
+def _attributes(inst: Any, state: Any) -> dict[str, Any]:
+    """A pickle's attributes for an object: a dict of names, none that pickling looks up on
+    the object itself (`__reduce_ex__` there would be called when the output is written)."""
+    if not (type(state) is dict and all(type(k) is str and k not in _PROTOCOL_NAMES for k in state)):
+        what = describe_object(type(inst))
+        raise UnsafePickleError(f"pickle gives {what} a state that is not a dict of plain attribute names")
+    return state
+
+
+_PROTOCOL_NAMES = frozenset(
+    {"__reduce_ex__", "__reduce__", "__getstate__", "__getnewargs__", "__getnewargs_ex__", "__class__", "__dict__"}
+)
 
 
 def _store(target: Any, items: list[Any], resolver: GlobalResolver) -> None:

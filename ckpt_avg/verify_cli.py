@@ -40,8 +40,9 @@ def verify_command(**params: Any) -> None:
     (naming every tensor that differs); checks the digest of each INPUT given, or of each
     recorded input whose path exists; with --recompute, re-derives the whole average.
     A given INPUT stands for the recorded input with the same path, or, when all are given,
-    for the one in the same position. Exit status 0 when everything holds, 1 with one line
-    per mismatch (FILE: what differs) otherwise.
+    for the one in the same position; a directory stands for the recorded inputs in it.
+    Exit status 0 when everything holds, 1 with one line per mismatch (FILE: what differs)
+    otherwise.
     """
     with cli_errors(debug=params["debug"]):
         _run(params)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import math
 import mmap
 import os
@@ -18,7 +19,9 @@ import pickle
 import secrets
 import shutil
 import signal
+import socket
 import struct
+import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -65,7 +68,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(final_path: str) -> None:
-    """Delete temp files a killed run left beside OUTPUT (their process is gone)."""
+    """Delete temp files a killed run left beside OUTPUT (their process is gone).
+
+    A distributed run's staging directories are judged by their owner file instead.
+    """
+    remove_stale_staging(final_path)
     directory = os.path.dirname(final_path.rstrip("/")) or "."
     prefix = f"{TEMP_PREFIX}{os.path.basename(final_path.rstrip('/'))}-"
     try:
@@ -81,10 +88,93 @@ def remove_stale_temps(final_path: str) -> None:
                 _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
 
 
+# ---------------------------------------------------------------- shared staging
+
+STAGING_INFIX = ".partial-"
+OWNER_FILE = ".ckpt-avg-run.json"
+HEARTBEAT_SECONDS = 30.0
+# A staging directory whose owner has not beaten for this long belongs to no live run. Its
+# host may be another machine, so a local process id alone never decides.
+STALE_AFTER_SECONDS = 600.0
+
+
+def staging_path_for(final_path: str, run_id: str) -> str:
+    """`OUT.partial-<run id>`, hidden beside OUT so that discovery and other runs pass it by."""
+    directory = os.path.dirname(final_path.rstrip("/")) or "."
+    name = os.path.basename(final_path.rstrip("/"))
+    return os.path.join(directory, f"{TEMP_PREFIX}{name}{STAGING_INFIX}{run_id}")
+
+
+def write_owner(staging: str, run_id: str, nonce: str) -> None:
+    """Claim a staging directory: who owns it, and a nonce every rank must read back."""
+    record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": nonce}
+    path = os.path.join(staging, OWNER_FILE)
+    with open_temp(path) as file:
+        file.write(json.dumps(record, sort_keys=True).encode())
+        os.fsync(file.fileno())
+    _fsync_directory(staging)
+
+
+def read_owner(staging: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(staging, OWNER_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def heartbeat(staging: str) -> None:
+    """Tell later runs that the owner is alive (the owner file's modification time)."""
+    with contextlib.suppress(OSError):
+        os.utime(os.path.join(staging, OWNER_FILE))
+
+
+def staging_is_stale(staging: str, now: float | None = None) -> bool:
+    """True when no live run owns `staging`: its owner died on this host, or stopped beating."""
+    now = time.time() if now is None else now
+    record = read_owner(staging)
+    try:
+        beaten = os.stat(os.path.join(staging, OWNER_FILE) if record else staging).st_mtime
+    except OSError:
+        return False  # gone already, or unreadable: leave it
+    if record is not None and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if isinstance(pid, int) and not _pid_alive(pid):
+            return True
+    return now - beaten > STALE_AFTER_SECONDS
+
+
+def remove_stale_staging(final_path: str) -> list[str]:
+    """Remove the staging directories of OUT that no live run owns; returns what was removed."""
+    directory = os.path.dirname(final_path.rstrip("/")) or "."
+    prefix = f"{TEMP_PREFIX}{os.path.basename(final_path.rstrip('/'))}{STAGING_INFIX}"
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith(prefix) and os.path.isdir(path) and staging_is_stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def temp_path_for(final_path: str) -> str:
     directory = os.path.dirname(final_path.rstrip("/")) or "."
     name = os.path.basename(final_path.rstrip("/"))
     return os.path.join(directory, f"{TEMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by name (a directory's entries, a copied file's data)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(directory: str) -> None:

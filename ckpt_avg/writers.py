@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -11,13 +12,13 @@ import pickle
 import shutil
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .average import Digests
+from .average import Digests, Visit
 from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD, OutputKind
@@ -25,6 +26,7 @@ from .layout import strip_prefixes
 from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
+from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
 from .write import (
     OutputFile,
@@ -38,6 +40,7 @@ from .write import (
     copy_leaf,
     discard,
     finish_file,
+    fsync_path,
     open_temp,
     parse_size,
     pickle_tree,
@@ -98,6 +101,19 @@ class Runner(Protocol):
     """
 
     def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
+
+
+def ordered_visits(visits: Iterable[Visit], order: Sequence[str]) -> list[Visit]:
+    """The primary state dict's visits of the names in `order`, in that order; each unit is
+    computed at its first name here (a rank may hold only a tied tensor's second name)."""
+    by_name = {visit.name: visit for visit in visits if visit.digest}
+    chosen: list[Visit] = []
+    computed: set[int] = set()
+    for name in order:
+        unit = by_name[name].unit
+        chosen.append(Visit(name, unit, compute=id(unit) not in computed, digest=True))
+        computed.add(id(unit))
+    return chosen
 
 
 def write_output(
@@ -185,77 +201,198 @@ def _write_safetensors(
 
 
 def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    entries = _entries(layout)
-    limit = parse_size(options.max_shard_size) if options.max_shard_size else None
-    shards = plan_shards(entries, limit)
-    file_names = shard_file_names(len(shards))
+    """One process: plan, write every file into a temp directory, finalize."""
+    plan = plan_directory(output, layout, provenance, options)
     temp = temp_path_for(output)
-    files: list[OutputFile] = []
+    make_staging(temp, output)
     try:
-        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
-            os.mkdir(temp)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
-    except BaseException:
-        discard(temp)
-        raise
-    try:
-        digests, sha256 = _fill_directory(
-            temp, layout, entries, shards, file_names, provenance, run, files, options.hash_files
+        digests, sha256 = write_files(plan, temp, range(len(plan.files)), run, hashed=options.hash_files)
+        hashed = options.hash_files
+        return finalize_directory(
+            plan, temp, digests, sha256, force=options.force, hashed=hashed, warn=layout.warnings.append
         )
-        commit(temp, output, force=options.force)
     except BaseException as exc:
-        for file in files:
-            with contextlib.suppress(OSError):
-                file.close()
         discard(temp)
         if isinstance(exc, OSError):
             raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
         raise
-    written = [os.path.join(output, n) for n in file_names]
-    if len(shards) > 1:
-        written.append(os.path.join(output, "model.safetensors.index.json"))
-    return Written(written, digests, sha256={os.path.join(output, n): d for n, d in sha256.items()})
 
 
-def _fill_directory(
-    temp: str,
-    layout: Layout,
-    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-    shards: list[list[str]],
-    file_names: list[str],
-    provenance: dict[str, Any],
-    run: Runner,
-    files: list[OutputFile],
-    hashed: bool,
-) -> tuple[Digests, dict[str, str]]:
-    """Write every shard (and the index) into the temp directory; `files` collects open handles.
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a directory output: its name, the tensors it holds and its size in bytes."""
 
-    Returns the digests, and the sha256 of each file by name where `hashed`.
+    name: str
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class DirectoryPlan:
+    """Everything about a directory output that is known before any tensor is read.
+
+    A pure function of the inputs' metadata and the options, so every rank of a distributed
+    run computes the same plan and any of them can write any file of it.
     """
+
+    output: str
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    files: tuple[ShardFile, ...]
+    provenance: dict[str, Any]  # without digests
+    side_files: tuple[str, ...]  # paths of files copied beside the shards
+    input_sizes: tuple[int, ...]
+
+    @property
+    def single(self) -> bool:
+        return len(self.files) == 1
+
+    def metadata(self, digests: Digests | None) -> dict[str, str]:
+        """A shard's safetensors metadata; a lone shard carries the provenance."""
+        if not self.single:
+            return {"format": "pt"}
+        return {"format": "pt", "ckpt_avg": _provenance_text(self.provenance, digests, sorted(self.entries))}
+
+    def header(self, index: int, digests: Digests | None = None) -> bytes:
+        return SafetensorsWriter.header_bytes(self._entries_of(index), self.metadata(digests))
+
+    def _entries_of(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {n: self.entries[n] for n in self.files[index].tensors}
+
+    def fingerprint(self) -> str:
+        """A hash of the whole plan: ranks that disagree on it must not write one output."""
+        described = {
+            "output": self.output,
+            "files": [[f.name, list(f.tensors), f.nbytes] for f in self.files],
+            "entries": {n: [str(d), list(s)] for n, (d, s) in sorted(self.entries.items())},
+            "headers": [hashlib.sha256(self.header(i)).hexdigest() for i in range(len(self.files))],
+            "provenance": self.provenance,
+            "side_files": list(self.side_files),
+            "input_sizes": list(self.input_sizes),
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def plan_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DirectoryPlan:
+    """File names, the tensors of each shard and its size, from metadata alone."""
+    entries = _entries(layout)
+    limit = parse_size(options.max_shard_size) if options.max_shard_size else None
+    shards = plan_shards(entries, limit)
+    names = shard_file_names(len(shards))
+    plan = DirectoryPlan(
+        output,
+        entries,
+        tuple(ShardFile(name, tuple(tensors), 0) for name, tensors in zip(names, shards, strict=True)),
+        json.loads(json.dumps(provenance)),
+        _side_files(layout),
+        tuple(o.ref.size for o in layout.opened),
+    )
+    sized = tuple(
+        ShardFile(f.name, f.tensors, len(plan.header(i)) + _data_bytes(entries, f.tensors))
+        for i, f in enumerate(plan.files)
+    )
+    return DirectoryPlan(output, entries, sized, plan.provenance, plan.side_files, plan.input_sizes)
+
+
+def _data_bytes(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], names: Iterable[str]) -> int:
+    return sum(math.prod(entries[n][1]) * itemsize(entries[n][0]) for n in names)
+
+
+def make_staging(path: str, output: str) -> None:
+    """Create the directory the files are written into before they are published."""
+    try:
+        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
+            os.mkdir(path)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
+    except BaseException:
+        discard(path)
+        raise
+
+
+def write_files(
+    plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool = False
+) -> tuple[Digests, dict[str, str]]:
+    """Stream the tensors of the files at `indices` into `staging`, each file fsynced and closed.
+
+    Returns the digests, and where `hashed` the sha256 of each file by name (a lone shard's
+    is taken by `finalize_directory`, which rewrites its header with the digests).
+    """
+    indices = list(indices)
+    files: list[OutputFile] = []
     writers: dict[str, SafetensorsWriter] = {}
-    single = len(shards) == 1
-    for names, file_name in zip(shards, file_names, strict=True):
-        file = open_temp(os.path.join(temp, file_name), hashed=hashed)
-        files.append(file)
-        metadata = {"format": "pt"}
-        if single:
-            metadata["ckpt_avg"] = _provenance_text(provenance, None, layout.primary_names)
-        writer = SafetensorsWriter(file, {n: entries[n] for n in names}, metadata)
-        writers.update(dict.fromkeys(names, writer))
-    in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
-    digests = run(SafetensorsSink(writers), True, in_file_order)
-    sha256: dict[str, str | None] = {}
-    if single:
-        only = {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, layout.primary_names)}
-        files[0].pwrite(SafetensorsWriter.header_bytes(entries, only), 0)
+    sha256: dict[str, str] = {}
+    try:
+        for index in indices:
+            shard = plan.files[index]
+            file = open_temp(os.path.join(staging, shard.name), hashed=hashed and not plan.single)
+            files.append(file)
+            writer = SafetensorsWriter(file, plan._entries_of(index), plan.metadata(None))
+            writers.update(dict.fromkeys(shard.tensors, writer))
+        in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
+        digests = run(SafetensorsSink(writers), True, in_file_order)
+        for file in files:
+            name = os.path.basename(file.path)
+            digest = finish_file(file)
+            if digest is not None:
+                sha256[name] = digest
+    except BaseException:
+        for file in files:
+            with contextlib.suppress(OSError):
+                file.close()
+        raise
+    return digests, sha256
+
+
+def finalize_directory(
+    plan: DirectoryPlan,
+    staging: str,
+    digests: Digests,
+    sha256: dict[str, str],
+    *,
+    force: bool,
+    hashed: bool,
+    warn: Callable[[str], None],
+) -> Written:
+    """Index or header with the provenance, side files, fsync, and publish by rename.
+
+    `sha256` has the shards' sha256 by name where `hashed` (from whichever rank wrote them).
+    """
+    sha256 = dict(sha256)
+    if plan.single:
+        path = os.path.join(staging, plan.files[0].name)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.pwrite(fd, plan.header(0, digests), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if hashed:  # its leading bytes changed after the data: sha256 cannot resume, read it once
+            sha256[plan.files[0].name] = _sha256_of(path)
     else:
-        index = _with_digests(provenance, digests, layout.primary_names)
-        sha256["model.safetensors.index.json"] = _write_index(temp, entries, shards, file_names, index, hashed)
-    for file, file_name in zip(files, file_names, strict=True):
-        sha256[file_name] = finish_file(file)
-    _copy_side_files(layout, temp)
-    return digests, {name: digest for name, digest in sha256.items() if digest is not None}
+        shards = [list(f.tensors) for f in plan.files]
+        names = [f.name for f in plan.files]
+        provenance = _with_digests(plan.provenance, digests, sorted(plan.entries))
+        index_sha256 = _write_index(staging, plan.entries, shards, names, provenance, hashed)
+        if index_sha256 is not None:
+            sha256["model.safetensors.index.json"] = index_sha256
+    for source in plan.side_files:
+        problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging)
+        if problem:
+            warn(f"{source}: not copied into the output: {problem}")
+    fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
+    commit(staging, plan.output, force=force)
+    written = [os.path.join(plan.output, f.name) for f in plan.files]
+    if not plan.single:
+        written.append(os.path.join(plan.output, "model.safetensors.index.json"))
+    return Written(written, digests, sha256={os.path.join(plan.output, n): d for n, d in sha256.items()})
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_index(
@@ -278,17 +415,13 @@ def _write_index(
         file.close()
 
 
-def _copy_side_files(layout: Layout, directory: str) -> None:
-    """Copy the last Trainer directory's config and tokenizer files; say which were not copied and why."""
+def _side_files(layout: Layout) -> tuple[str, ...]:
+    """The Trainer directory's files that `from_pretrained` needs, from the last checkpoint."""
     last = layout.opened[-1].ref
     if not last.is_directory:
-        return
+        return ()
     source = os.path.dirname(last.files[0])
-    for name in sorted(os.listdir(source)):
-        if name in HF_SIDE_FILES:
-            problem = copy_side_file(source, name, directory)
-            if problem:
-                layout.warnings.append(f"{os.path.join(source, name)}: not copied into the output: {problem}")
+    return tuple(os.path.join(source, name) for name in sorted(os.listdir(source)) if name in HF_SIDE_FILES)
 
 
 def copy_side_file(source: str, name: str, directory: str) -> str:
@@ -422,6 +555,9 @@ class _TreeBuilder:
             return _DROP
         if isinstance(node, Placeholder):
             self.dropped.append(_dotted(path) + f" ({node.global_name})")
+            return _DROP
+        if isinstance(node, UnsupportedTensor):  # never write our stand-in into a checkpoint
+            self.dropped.append(_dotted(path) + f" ({node.kind} tensor, cannot be copied)")
             return _DROP
         if isinstance(node, LazyTensor | torch.Tensor):
             return self._extra(node)

@@ -587,3 +587,70 @@ def test_a_legacy_whole_model_reads_as_its_zip_twin(tmp_path: Path) -> None:
     assert results[0].keys() == results[1].keys() and results[0]
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert not list(tmp_path.rglob("*.patch"))
+
+
+def test_a_legacy_run_averages_to_the_bytes_of_its_zip_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strided, tied, half-precision and integer tensors beside a Namespace: our legacy reader
+    gives the output a zip reader gives, byte for byte, in both output formats."""
+    outputs = {}
+    for legacy in (True, False):
+        run = tmp_path / ("legacy" if legacy else "zip")
+        (run / "in").mkdir(parents=True)
+        for epoch in range(3):
+            generator = torch.Generator().manual_seed(epoch)
+            weights = {"w": torch.randn(5, 4, generator=generator), "b": torch.randn(5, generator=generator).half()}
+            weights |= {"t": torch.randn(4, 5, generator=generator).t(), "n": torch.arange(3)}
+            weights["tied"] = weights["w"]
+            tree = {"state_dict": weights, "epoch": epoch, "args": argparse.Namespace(lr=0.1)}
+            torch.save(tree, run / "in" / f"epoch={epoch}.pt", _use_new_zipfile_serialization=not legacy)
+        monkeypatch.chdir(run)
+        for name in ("avg.pt", "avg.safetensors"):
+            run_cli("in", "-o", name, "--int-policy", "last")
+            outputs[legacy, name] = (run / name).read_bytes()
+    assert outputs[True, "avg.pt"] == outputs[False, "avg.pt"]
+    assert outputs[True, "avg.safetensors"] == outputs[False, "avg.safetensors"]
+
+
+def test_protocol_1_objects_are_rebuilt_by_copyreg_rules(tmp_path: Path) -> None:
+    """Protocols 0 and 1 build objects through copyreg._reconstructor: a Namespace and a dict
+    subclass come back; a half-made C class (dict.__new__(OrderedDict)) never does."""
+    from lightning.fabric.utilities.data import AttributeDict
+
+    meta = {"args": argparse.Namespace(lr=0.1, depth=3), "hparams": AttributeDict(lr=0.1, name="x")}
+    for epoch in range(2):
+        tree = {"state_dict": state_dict(epoch), "epoch": epoch, **meta}
+        torch.save(tree, tmp_path / f"epoch={epoch}.pt", pickle_protocol=1)
+    assert b"_reconstructor" in zipfile.ZipFile(tmp_path / "epoch=0.pt").read("epoch=0/data.pkl")
+    (tmp_path / "out").mkdir()
+    run_cli(tmp_path, "-o", tmp_path / "out" / "avg.pt")
+    out = torch.load(tmp_path / "out" / "avg.pt", weights_only=False)
+    assert out["args"] == meta["args"] and out["hparams"] == meta["hparams"]
+    assert type(out["hparams"]) is AttributeDict
+    half_made = call(G("copyreg", "_reconstructor"), G("collections", "OrderedDict"), G("builtins", "dict"), b"}")
+    (tmp_path / "bad").mkdir()
+    refused_in_average(tmp_path / "bad", zip_with(half_made), "not a plain subclass of its base")
+
+
+def test_a_pickle_cannot_plant_a_reduce_method_in_an_object(tmp_path: Path) -> None:
+    """`__reduce_ex__` in a Namespace's __dict__ would be called when the output is written."""
+    planted = G("argparse", "Namespace") + b")\x81}(" + text("__reduce_ex__") + G("builtins", "list") + b"ub"
+    refused_in_average(tmp_path, zip_with(planted), "not a dict of plain attribute names")
+
+
+def test_a_view_that_expands_a_tiny_storage_to_terabytes_is_refused(tmp_path: Path) -> None:
+    """One float expanded to 2**40 elements: averaged, the output would be 4 TB."""
+    data = saved(legacy=False, hyper=torch.zeros(1).expand(2, 3))
+    small = b"K\x02K\x03\x86"  # the (2, 3) size: BININT1 BININT1 TUPLE2
+    assert data.count(small) == 1
+    huge = integer(1 << 20) + integer(1 << 20) + b"\x86"
+    bad = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as old, zipfile.ZipFile(bad, "w") as new:
+        for info in old.infolist():
+            record = old.read(info)
+            new.writestr(info.filename, record.replace(small, huge) if info.filename.endswith("data.pkl") else record)
+    refused_in_average(tmp_path, bad.getvalue(), "more than 1,073,741,824 bytes beyond what the file holds")
+    (tmp_path / "ok").mkdir()
+    for epoch in range(2):  # a small expansion averages as before
+        (tmp_path / "ok" / f"e{epoch}.pt").write_bytes(saved(False, epoch, torch.zeros(1).expand(2, 3)))
+    run_cli(tmp_path / "ok", "-o", tmp_path / "ok.pt")
+    assert torch.equal(torch.load(tmp_path / "ok.pt", weights_only=True)["hyper_parameters"], torch.zeros(2, 3))

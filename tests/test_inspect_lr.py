@@ -387,8 +387,8 @@ def test_rate_sources_without_an_optimizer(tmp_path: Path) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
     optimizer.step()
     scheduler.step()
-    torch.save({"state_dict": {"w": w}, "lr_scheduler": scheduler.state_dict()}, directory / "a_0.pt")
-    torch.save({"state_dict": {"w": w}, "lr": 0.3}, directory / "a_1.pt")
+    torch.save({"epoch": 0, "state_dict": {"w": w}, "lr_scheduler": scheduler.state_dict()}, directory / "a_0.pt")
+    torch.save({"epoch": 1, "state_dict": {"w": w}, "lr": 0.3}, directory / "a_1.pt")
     wrappers = OptimWrapperDict(gen=OptimWrapper(sgd(0.4)), disc=OptimWrapper(sgd(0.04)))
     # mmengine Runner.save_checkpoint: {'meta', 'state_dict', 'optimizer': optim_wrapper.state_dict(), ...}
     torch.save({"meta": {"epoch": 2}, "state_dict": {"w": w}, "optimizer": wrappers.state_dict()}, directory / "a_2.pt")

@@ -324,3 +324,21 @@ def test_timm(tmp_path: Path) -> None:
         checkpoint = torch.load(out, map_location="cpu", weights_only=True)
     assert_average_of(checkpoint["state_dict"], [kept[e] for e in (3, 4, 5)])
     loads_strictly(checkpoint["state_dict"])
+
+
+def test_checkpoint_dash_n_decided_by_neighbours_or_contents() -> None:
+    from ckpt_avg.discover import CheckpointRef
+    from ckpt_avg.indices import candidate_from
+    from ckpt_avg.naming import parse_name
+    from ckpt_avg.sources import ContentMeta
+
+    def ref(name: str) -> CheckpointRef:
+        return CheckpointRef(f"exp/{name}", (f"exp/{name}",), False, False, 0, 1, parse_name(name))
+
+    notes: list[str] = []
+    icefall = candidate_from(ref("checkpoint-20000.pt"), None, ["epoch-1.pt", "checkpoint-20000.pt"], notes)
+    assert (icefall.epoch, icefall.step, icefall.mid_epoch) == (None, 20000, True)
+    timm_like = candidate_from(ref("checkpoint-7.pt"), ContentMeta(epoch=7, stored_epoch=7), [], notes)
+    assert (timm_like.epoch, timm_like.step) == (7, None) and not notes
+    undecided = candidate_from(ref("checkpoint-9.pt"), None, ["checkpoint-9.pt"], notes)
+    assert undecided.epoch == 9 and "read as epoch 9 (timm's naming" in notes[0]

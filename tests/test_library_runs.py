@@ -72,7 +72,6 @@ def _mmengine_run(work_dir: Path, ema: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def mmengine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("mmengine")
     root = tmp_path_factory.mktemp("mmengine")
     return {"plain": _mmengine_run(root / "plain", False), "ema": _mmengine_run(root / "ema", True)}
 
@@ -148,7 +147,6 @@ def _accelerate_run(project: Path, two_models: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def accelerate_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("accelerate")
     root = tmp_path_factory.mktemp("accelerate")
     return {"one": _accelerate_run(root / "one", False), "two": _accelerate_run(root / "two", True)}
 
@@ -193,7 +191,8 @@ def test_accelerate_second_model_is_named_as_left_out(accelerate_runs: dict[str,
 
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     output = tmp_path_factory.mktemp("trainer") / "out"
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)

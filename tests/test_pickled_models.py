@@ -98,6 +98,7 @@ def test_yolo_pt_output_without_trust_names_the_command_that_works(
     assert not (tmp_path / "avg.pt").exists()
     # The command it names works, without importing the class.
     result = run_cli("--last", "3", run / "weights", "-o", tmp_path / "avg.safetensors", "--json")
+    assert "placeholders" not in result.stderr  # the model's classes were read as data, nothing is lost
     skipped = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in json.loads(result.stdout)["skipped"]}
     assert skipped["last.pt"].startswith("alias") and skipped["best.pt"].startswith("alias")
     averaged = load_file(tmp_path / "avg.safetensors")
@@ -183,3 +184,24 @@ def test_extra_state_is_copied_from_the_last_and_counted(tmp_path: Path) -> None
     flat = tmp_path / "avg.safetensors"
     result = run_cli(tmp_path, "-o", flat)
     assert "left out of this flat output" in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor:UserWarning")
+def test_dynamic_quantization_packed_params(tmp_path: Path) -> None:
+    # quantize_dynamic's state dict holds `_packed_params` entries (a dtype; a tuple holding a
+    # quantized tensor) beside float tensors: found as a state dict, never averaged.
+    states = []
+    for epoch in range(3):
+        torch.manual_seed(epoch)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        states.append(quantized.state_dict())
+        torch.save({"model": quantized.state_dict(), "epoch": epoch}, tmp_path / f"epoch_{epoch}.pt")
+    out = tmp_path / "out" / "avg.safetensors"
+    out.parent.mkdir()
+    result = run_cli(tmp_path, "-o", out)
+    assert "4 state-dict entries are not weights" in result.stderr and "left out of this flat output" in result.stderr
+    assert torch.equal(load_file(out)["1.weight"], oracle_mean([s["1.weight"] for s in states]))
+    result = run_cli(tmp_path, "-o", tmp_path / "avg.pt", expect=1)
+    assert "'0._packed_params._packed_params' in model holds a quantized tensor" in result.stderr
+    assert not (tmp_path / "avg.pt").exists()

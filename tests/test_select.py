@@ -322,3 +322,8 @@ def test_every_candidate_is_in_the_plan_once() -> None:
     assert sorted(c.candidate.ref.display for c in plan.entries) == sorted(f"ckpts/{n}" for n in names)
     assert selected_names(plan) == [f"epoch={k}.ckpt" for k in range(6, 10)]
     assert all(e.reason for e in plan.entries if not e.selected)
+
+
+def test_a_single_unindexed_found_file_needs_no_order() -> None:
+    plan = make_plan(candidates(["weights.safetensors"], explicit=False), SelectOptions(last=3))
+    assert selected_names(plan) == ["weights.safetensors"]

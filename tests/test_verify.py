@@ -107,6 +107,9 @@ def test_inputs_given_from_another_checkout_match_by_position(tmp_path: Path, ru
     shutil.copytree(run[0].parent, moved)
     copies = [moved / p.name for p in run]
     run_verify("--recompute", tmp_path / "avg.pt", *copies, expect=0)
+    torch.save({"state_dict": {"other": torch.ones(2)}}, moved / "epoch=9.ckpt")  # not an input of avg.pt
+    result = run_verify("--recompute", tmp_path / "avg.pt", moved, expect=0)  # a directory of them
+    assert all(f"{moved / p.name}: tensor digest" in result.stderr for p in run)
     result = run_verify(tmp_path / "avg.pt", copies[1], copies[0], copies[2], expect=1)
     assert [line.split(":")[0] for line in mismatch_lines(result)] == [str(copies[1]), str(copies[0])]
 
@@ -202,3 +205,26 @@ def test_the_console_command_dispatches_verify(tmp_path: Path, run: list[Path]) 
     done = subprocess.run([sys.executable, "-m", "ckpt_avg", "verify", str(output)], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stdout.startswith(f"{run[1]}: cannot be read as the recorded input")
+
+
+def test_recompute_never_runs_code_a_provenance_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provenance claiming --bn-model: verify skips those statistics, imports nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.py").write_text("open('ran', 'w').close()\ndef make():\n    open('ran', 'w').close()\n")
+    paths = []
+    for epoch in range(2):
+        state = {
+            "conv.weight": torch.randn(4, 3),
+            "bn.running_mean": torch.randn(4),
+            "bn.running_var": torch.rand(4),
+            "bn.num_batches_tracked": torch.tensor(epoch),
+        }
+        paths.append(tmp_path / f"epoch_{epoch}.safetensors")
+        save_file(state, paths[-1])
+    output = tmp_path / "avg.safetensors"
+    average_checkpoints([str(p) for p in paths], str(output))
+    _rewrite_provenance(output, {"options.bn_model": "evil:make", "options.bn_data": "evil:make"})
+    result = run_verify("--recompute", output, expect=0)
+    assert not (tmp_path / "ran").exists()
+    assert "3 BatchNorm statistics recomputed with --bn-model evil:make" in result.stderr
+    assert "average re-derived" in result.stderr

@@ -1,0 +1,163 @@
+"""Splitting a run over torchrun ranks, in-process: the plan, the assignment, staging, errors.
+
+Real multi-process runs are in test_distributed_torchrun.py; here the planner runs on
+real (sparse) files of a 70B-shaped model, reading headers only, with simulated world sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_avg.api import Options
+from ckpt_avg.distributed import Ranks, _prepare, assign_files
+from ckpt_avg.errors import UsageError
+from ckpt_avg.safetensors_file import layout
+from ckpt_avg.write import OWNER_FILE, STALE_AFTER_SECONDS, remove_stale_staging, staging_path_for
+
+Entries = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def llama_entries(layers: int, hidden: int, inter: int, kv: int, vocab: int) -> Entries:
+    """A Llama-shaped state dict in bfloat16 (70B: 80, 8192, 28672, 1024, 128256)."""
+    bf16 = torch.bfloat16
+    entries: Entries = {
+        "model.embed_tokens.weight": (bf16, (vocab, hidden)),
+        "lm_head.weight": (bf16, (vocab, hidden)),
+        "model.norm.weight": (bf16, (hidden,)),
+    }
+    per_layer = {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+    for i in range(layers):
+        for name, shape in per_layer.items():
+            entries[f"model.layers.{i}.{name}"] = (bf16, shape)
+    return entries
+
+
+def sparse_safetensors(path: Path, entries: Entries) -> None:
+    """A valid safetensors file of the full size whose data is a hole: metadata costs nothing."""
+    header, placed = layout(entries, {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + (placed[-1].end if placed else 0))
+
+
+@pytest.fixture(scope="module")
+def llama70b(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    directory = tmp_path_factory.mktemp("llama70b")
+    entries = llama_entries(80, 8192, 28672, 1024, 128256)
+    paths = []
+    for step in (100, 200):
+        path = directory / f"step={step}.safetensors"
+        sparse_safetensors(path, entries)
+        paths.append(str(path))
+    return paths
+
+
+def _ranks(world: int) -> Ranks:
+    return Ranks(None, 0, world, 1)
+
+
+def test_every_file_written_once_and_balanced_for_1_to_64_ranks(llama70b: list[str], tmp_path: Path) -> None:
+    """Balance needs files enough per rank: 500 MB shards give 322 files (1 GB ones reach
+    1.25 at 54 ranks, where the 2.1 GB embedding and 1 GB shards cannot be evened out)."""
+    options = Options(max_shard_size="500MB")
+    plan = _prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(64)).plan
+    sizes = [f.nbytes for f in plan.files]
+    assert len(sizes) == 322 and sum(sizes) > 141e9  # the whole model, headers included
+    for world in range(1, 65):
+        shares = assign_files(sizes, world)
+        assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+        loads = [sum(sizes[i] for i in share) for share in shares]
+        assert max(loads) / (sum(loads) / world) <= 1.15, world
+
+
+def test_assignment_is_largest_first_ties_by_index() -> None:
+    assert assign_files([5, 1, 4, 4], 2) == [[0, 1], [2, 3]]
+    assert assign_files([3, 3, 3], 2) == [[0, 2], [1]]
+    assert assign_files([7], 3) == [[0], [], []]
+
+
+def test_plan_is_a_pure_function_of_inputs_and_options(llama70b: list[str], tmp_path: Path) -> None:
+    """Another process computes the same fingerprint; another option, another fingerprint."""
+    output = str(tmp_path / "avg") + "/"
+    here = _prepare(llama70b, output, Options(max_shard_size="5GB"), _ranks(2)).plan.fingerprint()
+    script = (
+        "import sys; from ckpt_avg.api import Options; from ckpt_avg.distributed import Ranks, _prepare;"
+        "print(_prepare(sys.argv[1:3], sys.argv[3], Options(max_shard_size='5GB'), Ranks(None, 0, 2, 1))"
+        ".plan.fingerprint())"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", script, *llama70b, output], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert there == here
+    other = _prepare(llama70b, output, Options(max_shard_size="4GB"), _ranks(2)).plan.fingerprint()
+    weighted = _prepare(llama70b, output, Options(max_shard_size="5GB", weights=(1, 2)), _ranks(2))
+    assert len({here, other, weighted.plan.fingerprint()}) == 3
+
+
+def test_single_file_output_under_several_ranks_is_a_usage_error(llama70b: list[str], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"single file.*-o DIR/ --max-shard-size"):
+        _prepare(llama70b, str(tmp_path / "avg.safetensors"), Options(), _ranks(2))
+    with pytest.raises(UsageError, match=r"one file .* give --max-shard-size"):
+        _prepare(llama70b, str(tmp_path / "avg") + "/", Options(), _ranks(2))
+
+
+def test_bn_recompute_under_several_ranks_is_a_usage_error(llama70b: list[str], tmp_path: Path) -> None:
+    options = Options(max_shard_size="5GB", bn_model="m:f", bn_data="d.pt")
+    with pytest.raises(UsageError, match="--bn-model is not supported under torchrun"):
+        _prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(2))
+
+
+def _staging(tmp_path: Path, run_id: str, owner: dict[str, object] | None, age: float = 0.0) -> Path:
+    path = Path(staging_path_for(str(tmp_path / "avg") + "/", run_id))
+    path.mkdir()
+    (path / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    if owner is not None:
+        (path / OWNER_FILE).write_text(json.dumps(owner))
+    if age:
+        old = time.time() - age
+        os.utime(path / OWNER_FILE if owner is not None else path, (old, old))
+    return path
+
+
+def test_stale_staging_is_removed_only_when_no_live_run_owns_it(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+    dead_here = _staging(tmp_path, "a1", {"host": here, "pid": int(dead.stdout)})
+    alive_here = _staging(tmp_path, "b2", {"host": here, "pid": os.getpid()})
+    elsewhere_fresh = _staging(tmp_path, "c3", {"host": "node-that-is-not-this-one", "pid": 1})
+    elsewhere_silent = _staging(tmp_path, "d4", {"host": "another-node", "pid": 1}, age=STALE_AFTER_SECONDS + 60)
+    being_created = _staging(tmp_path, "e5", None)
+    abandoned = _staging(tmp_path, "f6", None, age=STALE_AFTER_SECONDS + 60)
+    other_output = Path(staging_path_for(str(tmp_path / "other") + "/", "a1"))
+    other_output.mkdir()
+    removed = remove_stale_staging(str(tmp_path / "avg") + "/")
+    assert sorted(removed) == sorted(str(p) for p in (dead_here, elsewhere_silent, abandoned))
+    for kept in (alive_here, elsewhere_fresh, being_created, other_output):
+        assert kept.is_dir()
+
+
+def test_staging_is_hidden_beside_the_output(tmp_path: Path) -> None:
+    path = staging_path_for(str(tmp_path / "avg") + "/", "0123abcd")
+    assert os.path.dirname(path) == str(tmp_path)
+    assert os.path.basename(path) == ".ckpt-avg-tmp-avg.partial-0123abcd"
+    assert math.isfinite(STALE_AFTER_SECONDS)

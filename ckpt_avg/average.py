@@ -7,6 +7,7 @@ block or on a device); a writer thread hashes the result and hands it to the sin
 a fixed budget of buffers split among the inputs, whatever the number of checkpoints or the
 size of the model. This module schedules; reduce.py computes.
 """
+
 from __future__ import annotations
 
 import gc

@@ -40,12 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
-from .api import Options, _Run, _validate, parameter_count
+from ._version import __version__
+from .api import _Run, _validate, parameter_count
 from .average import Unit
+from .dtypes import short_name
 from .errors import CkptAvgError
 from .guard import OutputKind
 from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize, leaf_numel, read_leaf_range
+from .options import Options
 from .report import human_size, terminal_safe
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start
@@ -63,11 +65,6 @@ CHUNK_ELEMENTS = 1 << 21
 SHOWN_METRICS = 3  # metric columns in the table; --json carries them all
 PLOT_HINT = "pip install 'ckpt-avg[plot]'"
 _NOT_METRICS = frozenset({"epoch", "step", "global_step", "total_flos"})
-_SHORT_DTYPES = {
-    torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "bool",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -590,7 +587,7 @@ def _lightning_score(opened: OpenedCheckpoint) -> dict[str, float]:
 
 
 def _short(dtype: torch.dtype) -> str:
-    return _SHORT_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+    return short_name(dtype)
 
 
 def _finite(value: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import torch
 
+from .dtypes import BY_STORAGE
 from .errors import CheckpointError, UnsafePickleError
 from .lazy import FileReader, LazyTensor, StorageRef, itemsize
 from .unpickle import (
@@ -36,24 +37,7 @@ from .unpickle import (
 )
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
-    "UntypedStorage": torch.uint8,
-    "QInt8Storage": torch.qint8,
-    "QUInt8Storage": torch.quint8,
-    "QInt32Storage": torch.qint32,
-}
+_STORAGE_DTYPES = BY_STORAGE
 
 
 class UnsupportedTensor:

@@ -292,7 +292,7 @@ def recorded_options(provenance: dict[str, Any], *, trust_pickle: bool, allow_gl
     Never the BatchNorm recompute: `--bn-model`/`--bn-data` name code to import and call,
     and a provenance is only as trustworthy as the file that carries it.
     """
-    from .api import Options
+    from .options import Options
     from .select import SelectOptions
 
     options = provenance.get("options") or {}

@@ -52,10 +52,25 @@ def test_tied_weights_become_copies_in_flat_safetensors(tmp_path: Path) -> None:
     expected = oracle_mean([sd["decoder.embed.weight"] for sd in inputs])
     assert torch.equal(averaged["encoder.embed.weight"], expected)
     assert torch.equal(averaged["decoder.embed.weight"], expected)
-    module = torch.nn.Module()
-    module.register_buffer("w", torch.zeros(1))
-    # A strict load of the flat file into the same key set works: both names are present.
-    assert set(averaged) == set(inputs[-1])
+    # A strict load of the flat file into the tied model works: both names are present, and
+    # loading either copy into the one shared parameter gives it the average.
+    model = _tied_model()
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    model.load_state_dict(averaged, strict=True)
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    assert torch.equal(model.decoder.embed.weight.data, expected)
+    assert torch.equal(model.head.weight.data, oracle_mean([sd["head.weight"] for sd in inputs]))
+
+
+def _tied_model() -> torch.nn.Module:
+    """The model `_tied` is the state dict of: one embedding shared by encoder and decoder."""
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(4, 6)
+    model.encoder.embed = torch.nn.Embedding(10, 4)
+    model.decoder = torch.nn.Module()
+    model.decoder.embed = model.encoder.embed
+    model.head = torch.nn.Linear(6, 3, bias=False)
+    return model
 
 
 def test_ddp_prefix_is_an_error_that_suggests_strip_prefix(tmp_path: Path) -> None:

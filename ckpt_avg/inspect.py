@@ -40,7 +40,7 @@ from . import __version__
 from .api import Options, _Run, _validate
 from .average import Unit
 from .errors import CkptAvgError
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, read_leaf_range
+from .lazy import TensorLeaf, as_leaf, is_tensor_leaf, itemsize, leaf_numel, read_leaf_range
 from .report import human_size
 from .sources import OpenedCheckpoint, content_meta
 from .statedict import dotted
@@ -234,7 +234,7 @@ def differing_integers(units: Sequence[Unit], first: int, chunk_elements: int = 
 
 def _chunks(leaves: Sequence[TensorLeaf], chunk_elements: int) -> list[tuple[int, int]]:
     total = leaf_numel(leaves[0])
-    if any(isinstance(x, LazyTensor) and not x.is_contiguous() for x in leaves):
+    if any(not as_leaf(x).random_access for x in leaves):
         chunk_elements = max(total, 1)  # a strided view is read whole anyway: read it once
     return [(start, min(chunk_elements, total - start)) for start in range(0, total, chunk_elements)]
 
@@ -378,7 +378,7 @@ def _lightning_score(opened: OpenedCheckpoint) -> dict[str, float]:
         if not (isinstance(name, str) and name.startswith("ModelCheckpoint") and isinstance(state, dict)):
             continue
         monitor, score = state.get("monitor"), state.get("current_score")
-        if isinstance(monitor, str) and isinstance(score, LazyTensor | torch.Tensor) and leaf_numel(score) == 1:
+        if isinstance(monitor, str) and is_tensor_leaf(score) and leaf_numel(score) == 1:
             value = float(read_leaf_range(score, 0, 1).to(torch.float64)[0])
             scores.setdefault(monitor, value)
     return scores

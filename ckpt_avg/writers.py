@@ -20,7 +20,7 @@ from .average import Digests
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD
 from .layout import strip_prefixes
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .lazy import TensorLeaf, is_tensor_leaf, itemsize, leaf_numel, leaf_tie_key
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .unpickle import Placeholder
 from .write import (
@@ -327,7 +327,7 @@ class _TreeBuilder:
         if isinstance(node, Placeholder):
             self.dropped.append(_dotted(path) + f" ({node.global_name})")
             return _DROP
-        if isinstance(node, LazyTensor | torch.Tensor):
+        if is_tensor_leaf(node):
             return self._extra(node)
         if isinstance(node, dict):
             return self._mapping(node, path)

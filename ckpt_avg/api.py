@@ -22,7 +22,7 @@ from . import __version__
 from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .errors import UsageError
-from .guard import check_output, is_ckpt_avg_output, validate_output_name
+from .guard import check_output, is_ckpt_avg_output, is_directory_output, validate_output_name
 from .layout import Layout, build_layout, has_state_dict
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
@@ -68,6 +68,7 @@ class Options:
     allow_global: tuple[str, ...] = ()
     force: bool = False
     max_shard_size: str | None = None
+    format: str | None = None  # a directory output: "hf" or "dcp" (default: dcp for DCP inputs, else hf)
     hash_files: bool = True
     bn_model: str | None = None  # MODULE:CALLABLE returning the model
     bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
@@ -224,8 +225,12 @@ def _validate(options: Options, output: str | None = None) -> None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
+    if options.format not in (None, "hf", "dcp"):
+        raise UsageError(f"--format must be hf or dcp, not {options.format!r}")
     if output is not None:
         validate_output_name(output, max_shard_size=options.max_shard_size)
+        if options.format is not None and not is_directory_output(output):
+            raise UsageError(f"--format {options.format} writes a directory; end OUTPUT {output!r} with /")
 
 
 def check_device(device: str) -> None:

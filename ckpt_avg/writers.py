@@ -87,10 +87,20 @@ Runner = Callable[[Any, bool], Digests]
 def write_output(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
     """Write OUTPUT in the format its name asks for, atomically; `run` streams the tensors in."""
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        inputs_dcp = all(o.dcp is not None for o in layout.opened)
+        if options.format == "dcp" or (options.format is None and inputs_dcp):
+            return _write_dcp(output, layout, provenance, options, run)
         return _write_directory(output, layout, provenance, options, run)
     if output.lower().endswith(".safetensors"):
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
+
+
+def _write_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
+    from .dcp_write import write_dcp
+
+    files, digests, dropped = write_dcp(output, layout, lambda d: _provenance_text(provenance, d), options, run)
+    return Written(files, digests.output.hexdigest(), [d.hexdigest() for d in digests.inputs], dropped)
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None) -> dict[str, Any]:

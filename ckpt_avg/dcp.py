@@ -607,7 +607,7 @@ class OpenedDcp:
 
 def open_dcp(metadata_path: str, policy: PicklePolicy) -> OpenedDcp:
     directory = os.path.dirname(metadata_path)
-    metadata = read_metadata(metadata_path)
+    metadata = _merged_metadata(metadata_path)
     storage = _storage_index(metadata, metadata_path)
     readers: dict[str, FileReader] = {}
     safetensors: dict[str, dict[str, LazyTensor]] = {}
@@ -640,6 +640,49 @@ def open_dcp(metadata_path: str, policy: PicklePolicy) -> OpenedDcp:
     tree, flat_model = _build_tree(paths, {**tensors, **objects})
     info = DcpCheckpoint(directory, metadata_path, paths, items, tensors, objects, clean, flat_model)
     return OpenedDcp(tree, placeholders, info)
+
+
+def _merged_metadata(metadata_path: str) -> _Metadata:
+    """The global metadata, or every rank's `__R.metadata` merged (a save without collectives)."""
+    if os.path.basename(metadata_path) == METADATA:
+        return read_metadata(metadata_path)
+    directory = os.path.dirname(metadata_path)
+    ranks = sorted((int(m.group(1)), n) for n in os.listdir(directory) if (m := _RANK_METADATA.match(n)))
+    merged = read_metadata(os.path.join(directory, ranks[0][1]))
+    for _, name in ranks[1:]:
+        path = os.path.join(directory, name)
+        other = read_metadata(path)
+        for key, entry in other.state_dict_metadata.items():
+            mine = merged.state_dict_metadata.setdefault(key, entry)
+            if mine is entry:
+                continue
+            if isinstance(mine, _TensorStorageMetadata) and isinstance(entry, _TensorStorageMetadata):
+                known = {_chunk_key(c) for c in mine.chunks or []}
+                mine.chunks = list(mine.chunks or []) + [c for c in entry.chunks or [] if _chunk_key(c) not in known]
+            elif type(mine) is not type(entry):
+                raise CheckpointError(f"{path}: {key!r} is stored as a tensor by one rank and not by another")
+        for index, info in other.storage_data.items():
+            if not any(_same_index(index, k) for k in _index_keys(merged.storage_data, index)):
+                merged.storage_data[index] = info
+        if isinstance(merged.planner_data, dict) and isinstance(other.planner_data, dict):
+            for key, value in other.planner_data.items():
+                merged.planner_data.setdefault(key, value)
+    return merged
+
+
+def _chunk_key(chunk: Any) -> Any:
+    return tuple(chunk.offsets) if isinstance(chunk, _ChunkStorageMetadata) else id(chunk)
+
+
+def _index_keys(storage: dict[Any, Any], index: Any) -> list[Any]:
+    return [k for k in storage if isinstance(k, _MetadataIndex) and k.fqn == getattr(index, "fqn", None)]
+
+
+def _same_index(a: Any, b: Any) -> bool:
+    return bool(
+        a.fqn == b.fqn
+        and (None if a.offset is None else tuple(a.offset)) == (None if b.offset is None else tuple(b.offset))
+    )
 
 
 # Top-level entries whose items are not unpickled (optimizer state, dropped from every output).

@@ -27,7 +27,7 @@ from .errors import CheckpointError, DiscoveryError, UnsafePickleError
 from .lazy import FileReader, LazyTensor, StorageRef, itemsize, unnamed_file_reader
 from .safetensors_file import read_header
 from .torchfile import _LOCAL_HEADER, _dtypes, _lazy_overrides, _StorageType
-from .unpickle import GlobalResolver, PicklePolicy, Placeholder, loads_checked
+from .unpickle import GlobalResolver, PicklePolicy, loads_checked
 
 METADATA = ".metadata"
 _RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
@@ -388,8 +388,15 @@ def load_tensor_item(item: Item, expected: int, where: str) -> LazyTensor:
 def load_object_item(item: Item, policy: PicklePolicy, where: str) -> tuple[Any, set[str]]:
     """A non-tensor item through the restricted unpickler: an unknown class is a placeholder."""
     reader, offset, length = item.plain_reader(_MAX_SMALL_RECORD)
+    if length > _MAX_SMALL_RECORD:
+        raise CheckpointError(f"{where}: a non-tensor item of {length:,} bytes, too large")
+    head = reader.read(offset, min(4, length)).numpy().tobytes()
+    if head != b"PK\x03\x04":
+        # Written raw by a planner that stores io.BytesIO values as their bytes.
+        return io.BytesIO(reader.read(offset, length).numpy().tobytes()), set()
     archive = _open_item_zip(reader, offset, length, where)
-    resolver = GlobalResolver(policy, {})
+    # torchtitan's train_state keeps logs in io.BytesIO values: an inert buffer of bytes.
+    resolver = GlobalResolver(policy, {"_io.BytesIO": io.BytesIO})
 
     def persistent_load(pid: Any) -> Any:
         raise CheckpointError(f"{where}: a non-tensor item refers to tensor storage")
@@ -490,6 +497,7 @@ class DcpTensor:
         self.chunks = chunks
         self._grid = _grid(shape)
         self._strides = _row_major_strides(self._grid)
+        self._random_access: bool | None = None
 
     @property
     def numel(self) -> int:
@@ -498,9 +506,11 @@ class DcpTensor:
     @property
     def random_access(self) -> bool:
         # A chunk stored transposed, or compressed, is read whole: the engine spills the tensor once.
-        return all(c.item is None or not c.item.zstd for c in self.chunks) and all(
-            c.tensor(self.dtype).is_contiguous() for c in self.chunks
-        )
+        if self._random_access is None:
+            self._random_access = all(c.item is None or not c.item.zstd for c in self.chunks) and all(
+                c.tensor(self.dtype).is_contiguous() for c in self.chunks
+            )
+        return self._random_access
 
     def tie_key(self) -> tuple[object, ...]:
         return ("dcp", self.ident)
@@ -829,6 +839,3 @@ def _listify(node: Any) -> Any:
         return [node[i] for i in range(len(node))]
     return node
 
-
-def is_placeholder(value: Any) -> bool:
-    return isinstance(value, Placeholder)

@@ -184,7 +184,7 @@ def test_torchtitan_layout_top_level_weights(tmp_path: Path) -> None:
             "layers.0.attention.wq.weight": torch.randn(8, 8, generator=g),
             "optimizer": {"state": {"tok_embeddings.weight": {"exp_avg": torch.randn(16, 8, generator=g)}}},
             "lr_scheduler": {"lr_scheduler_0": {"last_epoch": step}},
-            "train_state": {"step": step, "ntokens_seen": 1000 * step},
+            "train_state": {"step": step, "ntokens_seen": 1000 * step, "log_steps": io.BytesIO(b"log%d" % step)},
         }
         dcp.save(state, checkpoint_id=tmp_path / "checkpoint" / f"step-{step}", no_dist=True)
     out = tmp_path / "avg"
@@ -193,12 +193,13 @@ def test_torchtitan_layout_top_level_weights(tmp_path: Path) -> None:
         "tok_embeddings.weight": torch.zeros(16, 8),
         "layers.0.attention.wq.weight": torch.zeros(8, 8),
     }
-    target["train_state"] = {"step": 0, "ntokens_seen": 0}
+    target["train_state"] = {"step": 0, "ntokens_seen": 0, "log_steps": io.BytesIO()}
     dcp.load(target, checkpoint_id=out, no_dist=True)
     expected = oracle([tmp_path / "checkpoint" / f"step-{s}" for s in STEPS], key="")
     for name in ("tok_embeddings.weight", "layers.0.attention.wq.weight"):
         assert torch.equal(target[name], expected[name])
-    assert target["train_state"] == {"step": 300, "ntokens_seen": 300000}
+    log = target["train_state"].pop("log_steps")
+    assert target["train_state"] == {"step": 300, "ntokens_seen": 300000} and log.getvalue() == b"log300"
     metadata = pickle.loads((out / ".metadata").read_bytes())
     assert "tok_embeddings.weight" in metadata.state_dict_metadata
     assert not any(k.startswith(("optimizer", "lr_scheduler")) for k in metadata.state_dict_metadata)
@@ -284,3 +285,41 @@ def test_truncated_distcp_is_a_clean_error(run_dir: Path, tmp_path: Path) -> Non
     path.write_bytes(path.read_bytes()[:2000])
     result = run_cli(directory, "-o", tmp_path / "o.safetensors", expect=1)
     assert result.output.startswith("Error: ") and "truncated" in result.output
+
+
+def test_dcp_to_hugging_face_shards_that_from_pretrained_reads(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    states = []
+    for step in STEPS:
+        torch.manual_seed(step)
+        model = GPT2LMHeadModel(config)
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+        states.append(state)
+        directory = tmp_path / "run" / f"step-{step}"
+        dcp.save(state, checkpoint_id=directory, no_dist=True)
+        config.save_pretrained(directory)  # beside the DCP files, as a user keeps it
+    out = tmp_path / "hf"
+    run_cli(tmp_path / "run", "-o", f"{out}/", "--format", "hf")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    loaded = GPT2LMHeadModel.from_pretrained(out).state_dict()
+    for name in states[-1]:
+        if states[-1][name].is_floating_point():
+            assert torch.equal(loaded[name], oracle_mean([s[name] for s in states])), name
+
+
+def test_format_dcp_from_safetensors_inputs_and_usage_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    states = [{"w": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(2)]
+    for epoch, state in enumerate(states):
+        save_file(state, tmp_path / f"epoch={epoch}.safetensors")
+    out = tmp_path / "avg"
+    run_cli(tmp_path, "-o", f"{out}/", "--format", "dcp", "--glob", "*.safetensors")
+    target = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    dcp.load(target, checkpoint_id=out, no_dist=True)
+    for name, tensor in target.items():
+        assert torch.equal(tensor, oracle_mean([s[name] for s in states])), name
+    result = run_cli(tmp_path, "-o", tmp_path / "x.safetensors", "--format", "dcp", expect=2)
+    assert "--format dcp writes a directory" in result.output

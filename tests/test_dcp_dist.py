@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = (10, 20, 30)
+BIG_ROWS = 32 * 1024  # x 1024 fp32: a 128 MB tensor in four 32 MB chunks
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -37,7 +40,7 @@ def _save_worker(rank: int, world: int, root: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{root}/pg-save", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (2, 2))
@@ -49,8 +52,13 @@ def _save_worker(rank: int, world: int, root: str) -> None:
         grid = {k: distribute_tensor(v, mesh, [Shard(0), Shard(v.dim() - 1)]) for k, v in full.items()}
         dcp.save({"model": grid}, checkpoint_id=f"{root}/grid/step-{step}")
         dcp.save({"model": grid}, checkpoint_id=f"{root}/ranks/step-{step}", use_collectives=False)
+    line = init_device_mesh("cpu", (world,))
+    for i in range(2):  # one large tensor, each rank making only its own quarter
+        local = torch.full((BIG_ROWS // world, 1024), float(rank + i), dtype=torch.float32)
+        big = DTensor.from_local(local, line, [Shard(0)], run_check=False)
+        dcp.save({"model": {"big": big}}, checkpoint_id=f"{root}/big/step-{i}")
     model = _model()
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(model, mesh=line)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
     for step in (1, 2, 3):
@@ -131,3 +139,25 @@ def test_fsdp2_with_adamw_to_dcp_loads_into_fsdp2_on_two_ranks(saved: Path, tmp_
     assert set(loaded) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def _peak_rss_mb(*command: str) -> float:
+    """Peak RSS of one command, measured in a fresh process whose only child it is."""
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True);"
+        " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_of_a_sharded_large_tensor(saved: Path, tmp_path: Path) -> None:
+    """SPEC 1.6: at most the import baseline + 4 x the largest tensor + 150 MB, whatever the chunks."""
+    out = tmp_path / "avg.safetensors"
+    baseline = _peak_rss_mb(sys.executable, "-c", "import torch, ckpt_avg.cli")
+    peak = _peak_rss_mb(sys.executable, "-m", "ckpt_avg", str(saved / "big"), "-o", str(out), "-q")
+    largest = BIG_ROWS * 1024 * 4 / 2**20
+    assert peak <= baseline + 4 * largest + 150, (peak, baseline)
+    got = load_file(out)["big"]
+    quarter = BIG_ROWS // 4
+    assert torch.equal(got[::quarter, 0], torch.tensor([0.5, 1.5, 2.5, 3.5]))

@@ -606,6 +606,7 @@ class DcpCheckpoint:
     objects: dict[str, Any]
     clean_objects: set[str]  # non-tensor items that loaded without placeholders
     flat_model: bool  # model weights at the top level (torchtitan): the tree nests them under "model"
+    mcore_data: dict[str, Any] = field(default_factory=dict)  # Megatron's per-name shapes, kept as they are
 
 
 @dataclass
@@ -648,7 +649,10 @@ def open_dcp(metadata_path: str, policy: PicklePolicy) -> OpenedDcp:
         else:
             raise CheckpointError(f"{metadata_path}: {name!r} has unknown storage metadata {type(entry).__name__}")
     tree, flat_model = _build_tree(paths, {**tensors, **objects})
+    mcore = metadata.get("mcore_data")
     info = DcpCheckpoint(directory, metadata_path, paths, items, tensors, objects, clean, flat_model)
+    if isinstance(mcore, dict):
+        info.mcore_data = {k: v for k, v in mcore.items() if isinstance(k, str) and _plain(v)}
     return OpenedDcp(tree, placeholders, info)
 
 
@@ -831,6 +835,15 @@ def _build_tree(paths: dict[str, tuple[Any, ...]], values: dict[str, Any]) -> tu
     return tree, False
 
 
+def _plain(value: Any) -> bool:
+    """Plain data only: what is copied into an output's metadata must not name our stand-ins."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 def _listify(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
@@ -838,4 +851,3 @@ def _listify(node: Any) -> Any:
     if node and all(isinstance(k, int) for k in node) and sorted(node) == list(range(len(node))):
         return [node[i] for i in range(len(node))]
     return node
-

@@ -363,6 +363,9 @@ def metadata_bytes(plan: _Plan, names: list[str]) -> bytes:
         properties = TensorProperties(dtype=entry.dtype)
         state[entry.fqn] = TensorStorageMetadata(properties, torch.Size(entry.shape), chunks)
     metadata = Metadata(state, planner_data=planner, storage_data=storage, version="1.0.0")
+    if plan.info is not None and plan.info.mcore_data:  # Megatron's loader looks its shapes up here
+        written = {entry.fqn for entry in plan.entries}
+        metadata.mcore_data = {k: v for k, v in plan.info.mcore_data.items() if k in written}  # type: ignore[attr-defined]
     return pickle.dumps(metadata)
 
 

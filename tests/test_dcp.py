@@ -213,12 +213,17 @@ def test_megatron_iter_directories(run_dir: Path, tmp_path: Path) -> None:
         shutil.copytree(run_dir / f"step-{step}", target)
         (target / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
         torch.save({"args": None, "iteration": step}, target / "common.pt")
+        metadata = pickle.loads((target / ".metadata").read_bytes())
+        metadata.mcore_data = {"model.w": {"nd_reformulated_orig_global_shape": (30, 7)}, "optim.x": {}}
+        (target / ".metadata").write_bytes(pickle.dumps(metadata))
     result = run_cli(tmp_path / "ckpts", "-o", f"{tmp_path / 'avg'}/", "--last", "2")
     assert "step 200-300" in result.output
     assert (tmp_path / "avg" / "common.pt").read_bytes() == (
         tmp_path / "ckpts" / "iter_0000300" / "common.pt"
     ).read_bytes()
     assert (tmp_path / "avg" / "metadata.json").is_file()
+    written = pickle.loads((tmp_path / "avg" / ".metadata").read_bytes())
+    assert written.mcore_data == {"model.w": {"nd_reformulated_orig_global_shape": (30, 7)}}
 
 
 # ---------------------------------------------------------------- hostile files

@@ -648,6 +648,8 @@ def open_dcp(metadata_path: str, policy: PicklePolicy) -> OpenedDcp:
                 clean.add(name)
         else:
             raise CheckpointError(f"{metadata_path}: {name!r} has unknown storage metadata {type(entry).__name__}")
+    for reader in readers.values():
+        reader.close()  # reopened when its bytes are read: thousands of rank files need no descriptors now
     tree, flat_model = _build_tree(paths, {**tensors, **objects})
     mcore = metadata.get("mcore_data")
     info = DcpCheckpoint(directory, metadata_path, paths, items, tensors, objects, clean, flat_model)

@@ -424,6 +424,10 @@ class Chunk:
     def numel(self) -> int:
         return math.prod(self.sizes)
 
+    def forget(self) -> None:
+        with self._lock:
+            self._tensor = None
+
     def tensor(self, dtype: torch.dtype) -> LazyTensor:
         with self._lock:
             if self._tensor is None:
@@ -559,7 +563,11 @@ class DcpTensor:
 
     def load(self) -> torch.Tensor:
         out = torch.empty(self.numel * itemsize(self.dtype), dtype=torch.uint8)
-        return self.read_into(0, self.numel, out).view(self.shape)
+        loaded = self.read_into(0, self.numel, out).view(self.shape)
+        for chunk in self.chunks:
+            if chunk.item is not None and chunk.item.zstd:
+                chunk.forget()  # its unpacked copy (a temporary file) is not needed again
+        return loaded
 
 
 def _check_coverage(name: str, shape: tuple[int, ...], chunks: list[Chunk], where: str) -> None:

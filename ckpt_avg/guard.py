@@ -94,6 +94,8 @@ def is_ckpt_avg_output(path: str) -> bool:
 
 
 def _is_our_directory(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "ckpt_avg.json")) and os.path.isfile(os.path.join(path, ".metadata")):
+        return True  # a DCP output: its provenance lies beside the DCP files
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:

@@ -96,6 +96,12 @@ def test_dcp_output_loads_with_dcp_load(run_dir: Path, tmp_path: Path) -> None:
     assert target["step"] == 300 and target["extra"] == {"note": "run 2"}  # the last checkpoint's
     metadata = pickle.loads((out / ".metadata").read_bytes())
     assert not any(k.startswith("optim") for k in metadata.state_dict_metadata)  # optimizer state dropped
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    run_cli(tmp_path / "run", "-o", f"{tmp_path / 'run' / 'avg'}/")  # the output inside the run
+    result = run_cli(tmp_path / "run", "-o", f"{tmp_path / 'run' / 'avg'}/", "--force")  # run again
+    assert "step 100-300" in result.output and "3 checkpoint(s)" in result.output  # not the earlier average
 
 
 def test_dcp_output_items_are_torch_save_archives(tmp_path: Path) -> None:

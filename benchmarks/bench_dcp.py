@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 import torch
 
-ROWS, COLS = 4096, 4096  # 64 MiB fp32 matrices, each split by rows over the ranks
+COLS = 4096  # fp32 matrices of --tensor bytes (64 MiB by default), each split by rows over the ranks
 
 
-def _save_rank(rank: int, world: int, root: str, count: int, tensors: int) -> None:
+def _save_rank(rank: int, world: int, root: str, count: int, tensors: int, rows_total: int) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
@@ -37,7 +37,7 @@ def _save_rank(rank: int, world: int, root: str, count: int, tensors: int) -> No
 
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    rows = ROWS // world
+    rows = rows_total // world
     for k in range(count):
         state = {}
         for t in range(tensors):
@@ -51,9 +51,10 @@ def _save_rank(rank: int, world: int, root: str, count: int, tensors: int) -> No
     dist.destroy_process_group()
 
 
-def generate(root: str, count: int, size: int, ranks: int) -> list[str]:
+def generate(root: str, count: int, size: int, ranks: int, tensor_bytes: int) -> list[str]:
     marker = os.path.join(root, "COMPLETE")
-    tensors = max(1, round(size / (ROWS * COLS * 4)))
+    rows = tensor_bytes // (COLS * 4) // ranks * ranks
+    tensors = max(1, round(size / (rows * COLS * 4)))
     directories = [os.path.join(root, "run", f"step-{(k + 1) * 100}") for k in range(count)]
     if os.path.exists(marker):
         return directories
@@ -61,7 +62,7 @@ def generate(root: str, count: int, size: int, ranks: int) -> list[str]:
     os.makedirs(root)
     import torch.multiprocessing as mp
 
-    mp.start_processes(_save_rank, args=(ranks, root, count, tensors), nprocs=ranks, start_method="fork")
+    mp.start_processes(_save_rank, args=(ranks, root, count, tensors, rows), nprocs=ranks, start_method="fork")
     open(marker, "w").close()
     return directories
 
@@ -118,18 +119,22 @@ def check_exact(directories: Sequence[str], output: str, scratch: str) -> bool:
     return exact
 
 
+def _bytes(text: str) -> int:
+    number, unit, binary = re.fullmatch(r"([\d.]+)\s*([KMG]?)(I?)B?", text.upper()).groups()  # type: ignore[union-attr]
+    return int(float(number) * (1024 if binary else 1000) ** " KMG".index(unit or " "))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=5)
     parser.add_argument("--size", default="1GB", help="bytes per checkpoint: 1GB, 256MB")
     parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--tensor", default="64MiB", help="bytes of each matrix: 64MiB, 512MB")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default="/work/bench-data/dcp")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    number, unit = re.fullmatch(r"([\d.]+)\s*([KMG]?)B?", args.size.upper()).groups()  # type: ignore[union-attr]
-    size = int(float(number) * 1000 ** " KMG".index(unit or " "))
-    directories = generate(args.dir, args.count, size, args.ranks)
+    directories = generate(args.dir, args.count, _bytes(args.size), args.ranks, _bytes(args.tensor))
     scratch = os.path.join(args.dir, "scratch")
     os.makedirs(scratch, exist_ok=True)
     ours_out, theirs_out = os.path.join(scratch, "ours.safetensors"), os.path.join(scratch, "theirs.safetensors")
@@ -152,7 +157,8 @@ def main() -> None:
                 sys.exit("ckpt-avg output is not the exact mean")
     ours = statistics.median(w for w, _ in results["ckpt-avg"])
     naive = statistics.median(w for w, _ in results["dcp_to_torch_save + naive"])
-    print(f"{args.count} x {args.size} fp32 DCP checkpoints saved from {args.ranks} ranks, warm, {args.runs} run(s)")
+    print(f"{args.count} x {args.size} fp32 DCP checkpoints ({args.tensor} tensors) saved from {args.ranks} ranks,")
+    print(f"warm, median of {args.runs} run(s); SPEC 1.6 bound: import torch + 4 x {args.tensor} + 150 MiB")
     for label, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
         peak = max(p for _, p in runs)

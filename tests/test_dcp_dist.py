@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import subprocess
 import sys
@@ -87,10 +88,20 @@ def _load_worker(rank: int, world: int, root: str, checkpoint: str) -> None:
     dist.destroy_process_group()
 
 
+def _start(worker: Any, ranks: int, *args: str) -> None:
+    """Start gloo ranks from a fork server that has imported torch once.
+
+    Forking pytest itself can deadlock (a lock held by another thread at the fork); spawning
+    imports torch once per rank, seconds each on a small machine.
+    """
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed.checkpoint", __name__])
+    mp.start_processes(worker, args=(ranks, *args), nprocs=ranks, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dcp_dist")
-    mp.start_processes(_save_worker, args=(4, str(root)), nprocs=4, start_method="fork")
+    _start(_save_worker, 4, str(root))
     return root
 
 
@@ -134,7 +145,7 @@ def test_fsdp2_with_adamw_to_dcp_loads_into_fsdp2_on_two_ranks(saved: Path, tmp_
     names = pickle.loads((out / ".metadata").read_bytes()).state_dict_metadata
     assert not any(n.startswith("optim") for n in names) and "step" in names
     expected = _oracle([saved / "fsdp" / f"step-{s}" for s in (1, 2, 3)])
-    mp.start_processes(_load_worker, args=(2, str(tmp_path), str(out)), nprocs=2, start_method="fork")
+    _start(_load_worker, 2, str(tmp_path), str(out))
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
     assert set(loaded) == set(expected)
     for name, tensor in expected.items():

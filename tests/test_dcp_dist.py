@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = (10, 20, 30)
-BIG_ROWS = 32 * 1024  # x 1024 fp32: a 128 MB tensor in four 32 MB chunks
+BIG_ROWS = 16 * 1024  # x 1024 fp32: a 64 MiB tensor in four 16 MiB chunks
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 

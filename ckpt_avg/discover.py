@@ -40,6 +40,8 @@ class CheckpointRef:
 
     @property
     def format(self) -> str:
+        if self.files[0].endswith(".metadata"):
+            return "dcp"
         return "safetensors" if self.files[0].endswith(".safetensors") else "pytorch"
 
 
@@ -94,12 +96,9 @@ def refuse_conversion_layouts(directory: str) -> None:
             f"{directory}: DeepSpeed ZeRO checkpoint (zero_pp_rank_* shards); convert it first: "
             f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt"
         )
-    if any(n.endswith(".distcp") for n in names):
-        raise DiscoveryError(
-            f"{directory}: torch.distributed.checkpoint directory (.distcp); convert it first: "
-            f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {directory} "
-            f"{directory.rstrip('/')}.pt"
-        )
+    from .dcp import refuse_incomplete
+
+    refuse_incomplete(directory, names)
     ranks = [n for n in names if n.startswith("mp_rank_")]
     if len(ranks) > 1 or any(os.path.isdir(os.path.join(directory, n)) for n in ranks):
         raise DiscoveryError(
@@ -151,6 +150,12 @@ class _Found:
         self._by_identity: dict[tuple[int, int], int] = {}
 
     def add_directory(self, directory: str, *, explicit: bool, recursive: bool, top: bool) -> None:
+        from .dcp import dcp_files
+
+        dcp = dcp_files(directory)
+        if dcp is not None:  # torch.distributed.checkpoint: one checkpoint
+            self._add(directory, dcp, is_directory=True, explicit=explicit)
+            return
         refuse_conversion_layouts(directory)
         files = hf_weight_files(directory)
         if files is not None:

@@ -265,13 +265,19 @@ class _Prepared:
 def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks) -> _Prepared:
     """Validate, select, open and plan from metadata: the same on every rank."""
     _batchnorm_refused(options, "under torchrun")
-    kind = _validate(options, output)
-    if kind is not OutputKind.HF_DIRECTORY:
+    named = _validate(options, output)
+    if named not in (OutputKind.HF_DIRECTORY, OutputKind.DCP_DIRECTORY):
         raise UsageError(
             f"OUTPUT {output!r} is a single file, which one process writes; under {ranks.world} ranks write a"
             " directory of shards: -o DIR/ --max-shard-size 5GB"
         )
     run = _Run(inputs, options)
+    kind = run.output_kind(named)
+    if kind is OutputKind.DCP_DIRECTORY:
+        raise UsageError(
+            f"OUTPUT {output!r} would be a DCP checkpoint, which one process writes; under {ranks.world} ranks"
+            " write Hugging Face shards (--format hf --max-shard-size 5GB), or run without torchrun"
+        )
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(kind)

@@ -23,7 +23,7 @@ from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
 from .guard import PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .lazy import TensorLeaf, is_tensor_leaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
@@ -120,11 +120,20 @@ def write_output(
     output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.DCP_DIRECTORY:
+        return _write_dcp(output, layout, provenance, options, run)
     if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
     if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
+
+
+def _write_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
+    from .dcp_write import write_dcp
+
+    names = layout.primary_names
+    return write_dcp(output, layout, lambda d: _provenance_text(provenance, d, names), options, run)
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
@@ -559,7 +568,7 @@ class _TreeBuilder:
         if isinstance(node, UnsupportedTensor):  # never write our stand-in into a checkpoint
             self.dropped.append(_dotted(path) + f" ({node.kind} tensor, cannot be copied)")
             return _DROP
-        if isinstance(node, LazyTensor | torch.Tensor):
+        if is_tensor_leaf(node):
             return self._extra(node)
         if isinstance(node, dict):
             return self._mapping(node, path)

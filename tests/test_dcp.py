@@ -407,3 +407,20 @@ def test_dcp_output_under_several_ranks_is_a_usage_error(run_dir: Path, tmp_path
             _prepare([str(run_dir)], f"{tmp_path / 'avg'}/", options, ranks)
     prepared = _prepare([str(run_dir)], f"{tmp_path / 'avg'}/", Options(max_shard_size="1KB", format="hf"), ranks)
     assert len(prepared.plan.files) > 1
+
+
+def test_inspect_drift_of_a_dcp_run_in_chunks_equals_the_oracle(run_dir: Path) -> None:
+    from ckpt_avg.inspect import inspect_checkpoints
+
+    states = [_state(i)["model"] for i in range(len(STEPS))]
+    vectors = [
+        torch.cat([s[k].to(torch.float64).reshape(-1) for k in sorted(s) if s[k].is_floating_point()]) for s in states
+    ]
+    rows = inspect_checkpoints([str(run_dir)], chunk_elements=7).inspected  # "t" is stored transposed: spilled
+    assert [r.index for r in rows] == list(STEPS)
+    for t, row in enumerate(rows):
+        last = float((vectors[t] - vectors[-1]).norm() / vectors[-1].norm())
+        assert row.drift_last == pytest.approx(last, rel=1e-12, abs=1e-15)
+        if t:
+            prev = float((vectors[t] - vectors[t - 1]).norm() / vectors[t - 1].norm())
+            assert row.drift_prev == pytest.approx(prev, rel=1e-12)

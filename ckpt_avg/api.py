@@ -26,7 +26,7 @@ from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
 from .dtypes import BY_OPTION, OUTPUT_CHOICES
 from .errors import CheckpointError, CkptAvgError, UsageError
-from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
+from .guard import OutputKind, check_output, directory_kind, is_ckpt_avg_output, validate_output_name
 from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .modules import pickled_modules
@@ -40,7 +40,8 @@ from .torchfile import UnsupportedTensor
 from .unpickle import PicklePolicy, check_allow_global
 from .userpath import importable_from_cwd
 from .write import remove_stale_temps
-from .writers import Written, ordered_visits, write_output
+from .writers import ordered_visits, write_output
+from .written import Written
 
 DTYPES = BY_OPTION  # --dtype's spellings
 
@@ -79,10 +80,11 @@ def average_checkpoints(
 
         if ranks_of(process_group).world > 1:
             return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
-    kind = _validate(options, output)
-    assert kind is not None
+    named = _validate(options, output)
+    assert named is not None
     started = time.monotonic()
     run = _Run(inputs, options)
+    kind = run.output_kind(named)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(kind, output)
@@ -252,9 +254,11 @@ def _validate(options: Options, output: str | None = None) -> OutputKind | None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
+    if options.format not in (None, "hf", "dcp"):
+        raise UsageError(f"--format must be hf or dcp, not {options.format!r}")
     if output is None:
         return None
-    return validate_output_name(output, max_shard_size=options.max_shard_size)
+    return validate_output_name(output, max_shard_size=options.max_shard_size, out_format=options.format)
 
 
 def check_device(device: str) -> None:
@@ -290,6 +294,11 @@ class _Run:
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
         self.second_models: list[str] = []
+
+    def output_kind(self, named: OutputKind) -> OutputKind:
+        """OUTPUT's kind now the selected inputs are known (`named`: from its name and --format)."""
+        inputs_dcp = all(c.ref.format == "dcp" for c in self.plan.selected)
+        return directory_kind(named, self.options.format, inputs_dcp)
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
@@ -377,7 +386,10 @@ class _Run:
             refuse_uncopyable_extras(layout)
         extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
         if extras:
-            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
+            fate = {
+                OutputKind.PYTORCH: "copied from the last checkpoint",
+                OutputKind.DCP_DIRECTORY: "copied from the last checkpoint where they are plain data",
+            }.get(kind, "left out of this flat output")
             self.warnings.append(
                 f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
                 f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"

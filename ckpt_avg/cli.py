@@ -155,6 +155,13 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option(
     "--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100"
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["hf", "dcp"]),
+    help="A directory OUTPUT's format: Hugging Face safetensors shards, or torch.distributed.checkpoint"
+    " (default: dcp when the inputs are DCP checkpoints, else hf). Example: -o avg/ --format hf",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or the plan, with --dry-run) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (warnings stay in the --json report).")
@@ -200,6 +207,7 @@ def _options(params: dict[str, Any]) -> Options:
         allow_global=tuple(params["allow_global"]),
         force=params["force"],
         max_shard_size=params["max_shard_size"],
+        format=params["out_format"],
         hash_files=params["as_json"],
         bn_model=params["bn_model"],
         bn_data=params["bn_data"],

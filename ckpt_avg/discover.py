@@ -42,6 +42,8 @@ class CheckpointRef:
 
     @property
     def format(self) -> str:
+        if self.files[0].endswith(".metadata"):
+            return "dcp"
         return "safetensors" if self.files[0].endswith(".safetensors") else "pytorch"
 
 
@@ -95,12 +97,9 @@ def refuse_conversion_layouts(directory: str) -> None:
             f"{directory}: DeepSpeed ZeRO checkpoint (zero_pp_rank_* shards); convert it first: "
             f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt"
         )
-    if any(n.endswith(".distcp") for n in names):
-        raise DiscoveryError(
-            f"{directory}: torch.distributed.checkpoint directory (.distcp); convert it first: "
-            f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {directory} "
-            f"{directory.rstrip('/')}.pt"
-        )
+    from .dcp import refuse_incomplete
+
+    refuse_incomplete(directory, names)
     ranks = [n for n in names if n.startswith("mp_rank_")]
     if len(ranks) > 1 or any(os.path.isdir(os.path.join(directory, n)) for n in ranks):
         raise DiscoveryError(
@@ -178,6 +177,12 @@ class _Found:
 
     def _listing(self, directory: str, *, explicit: bool, recursive: bool, top: bool) -> Iterator[str] | None:
         """The paths to look at in a directory, or None where it is one checkpoint or not searched."""
+        from .dcp import dcp_files
+
+        dcp = dcp_files(directory)
+        if dcp is not None:  # torch.distributed.checkpoint: one checkpoint
+            self._add(directory, dcp, is_directory=True, explicit=explicit)
+            return None
         refuse_conversion_layouts(directory)
         files = hf_weight_files(directory)
         if files is not None:

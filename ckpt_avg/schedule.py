@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .jsonfile import read_json
-from .lazy import LazyTensor, leaf_numel, read_leaf_range
+from .lazy import is_tensor_leaf, leaf_numel, read_leaf_range
 from .sources import OpenedCheckpoint
 
 REL_TOL = 1e-6  # rates closer than this are one rate (schedules recompute them in float arithmetic)
@@ -135,7 +135,7 @@ def _number(value: Any) -> float | None:
         return None
     if isinstance(value, int | float):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, LazyTensor | torch.Tensor) and leaf_numel(value) == 1 and value.dtype.is_floating_point:
+    if is_tensor_leaf(value) and leaf_numel(value) == 1 and value.dtype.is_floating_point:
         number = float(read_leaf_range(value, 0, 1).to(torch.float64)[0])  # a tensor lr (fused/capturable Adam)
         return number if math.isfinite(number) else None
     return None

@@ -551,22 +551,6 @@ class SafetensorsSink:
                 writer.write_at(name, start, data)
 
 
-def parse_size(text: str) -> int:
-    """`5GB` = 5*10^9 bytes, `5GiB` = 5*2^30, a bare number is bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-    cleaned = text.strip().upper().replace(" ", "")
-    number = cleaned.rstrip("KMGTIB")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a size such as 5GB, 500MiB or 1000000")
-    return int(value * units[unit])
-
-
 def plan_shards(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int | None) -> list[list[str]]:
     """Group tensors into shards in name order, as `save_pretrained` does."""
     shards: list[list[str]] = [[]]

@@ -13,18 +13,19 @@ import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 from .average import Digests, Visit
 from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
-from .guard import PROVENANCE_RECORD, OutputKind
+from .guard import HF_SIDE_FILES, PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .lazy import TensorLeaf, is_tensor_leaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
+from .options import parse_size
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
@@ -44,65 +45,19 @@ from .write import (
     fsync_path,
     mark_temp_directory,
     open_temp,
-    parse_size,
     pickle_tree,
     plan_shards,
     shard_file_names,
     signals_deferred,
     temp_path_for,
 )
+from .written import Runner, Written
 
 if TYPE_CHECKING:
-    from .api import Options
     from .layout import Layout
+    from .options import Options
 
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "image_processor_config.json",
-    "feature_extractor_config.json",
-)
-
-
-@dataclass
-class Written:
-    files: list[str]
-    digests: Digests
-    dropped: list[str] = field(default_factory=list)
-    sha256: dict[str, str] = field(default_factory=dict)  # per file written, where asked for
-
-    @property
-    def output_digest(self) -> str:
-        return self.digests.output.root()
-
-    @property
-    def input_digests(self) -> list[str]:
-        return [d.root() for d in self.digests.inputs]
-
-
-class Runner(Protocol):
-    """Runs the kernel into a sink and returns the digests.
-
-    `primary_only`: only the primary state dict; `order`: its names in the order to compute
-    them (the order of the file, so that a file's sha256 is taken as its bytes are written).
-    """
-
-    def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
 def ordered_visits(visits: Iterable[Visit], order: Sequence[str]) -> list[Visit]:
@@ -122,11 +77,20 @@ def write_output(
     output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.DCP_DIRECTORY:
+        return _write_dcp(output, layout, provenance, options, run)
     if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
     if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
+
+
+def _write_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
+    from .dcp_write import write_dcp
+
+    names = layout.primary_names
+    return write_dcp(output, layout, lambda d: _provenance_text(provenance, d, names), options, run)
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
@@ -568,7 +532,7 @@ class _TreeBuilder:
         if isinstance(node, UnsupportedTensor):  # never write our stand-in into a checkpoint
             self.dropped.append(_dotted(path) + f" ({node.kind} tensor, cannot be copied)")
             return _DROP
-        if isinstance(node, LazyTensor | torch.Tensor):
+        if is_tensor_leaf(node):
             return self._extra(node)
         if id(node) in self._copies:
             # A shared object stays shared: walking it once per path is exponential in a

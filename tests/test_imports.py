@@ -16,9 +16,6 @@ PACKAGE = Path(ckpt_avg.__file__).parent
 # today (write.py, writers.py). Each is listed with its fix; the test fails when one is gone,
 # so that this list only ever shrinks.
 PENDING = {
-    ("writers", "api"): "writers.py: `from .options import Options` under TYPE_CHECKING",
-    ("guard", "write"): "parse_size moves to options.py; write.py imports it from there",
-    ("guard", "writers"): "HF_SIDE_FILES moves to guard.py; writers.py imports it from there",
     ("distributed", "api"): "_Run, _validate, run_engine, _report move below api (a run module both import)",
 }
 

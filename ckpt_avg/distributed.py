@@ -29,14 +29,15 @@ from typing import Any
 
 import torch
 
-from .api import Options, _batchnorm_refused, _report, _Run, _validate, run_engine
 from .average import Digests
 from .digest import Record
 from .errors import CkptAvgError, OutputError, UsageError
 from .guard import OutputKind, check_output
 from .layout import Layout
 from .lazy import itemsize, leaf_numel
+from .options import Options
 from .report import Report
+from .run import _batchnorm_refused, _report, _Run, _validate, run_engine
 from .write import (
     HEARTBEAT_SECONDS,
     OWNER_FILE,

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._version import __version__
-from .api import _Run, _validate, parameter_count
 from .average import Unit
 from .dtypes import short_name
 from .errors import CkptAvgError
@@ -59,6 +58,7 @@ from .lazy import (
 )
 from .options import Options
 from .report import human_size, terminal_safe
+from .run import _Run, _validate, parameter_count
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start
 from .select import unindexed_found
@@ -199,9 +199,12 @@ def inspect_checkpoints(
     if unindexed_found(run.plan):
         # Never a silent order: drift and rates between names in natural order say nothing about the run.
         schedule = ScheduleStart(None, "", "")
-        drift_position, note = None, (
-            "the checkpoints carry no epoch or step in their names or contents, so they have no order"
-            " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
+        drift_position, note = (
+            None,
+            (
+                "the checkpoints carry no epoch or step in their names or contents, so they have no order"
+                " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
+            ),
         )
 
     def suggest(position: int, rule: str, reason: str) -> Suggestion:

@@ -371,7 +371,7 @@ def _recompute(
     actual = digests.output.hex_by_key()
     bn_model = (provenance.get("options") or {}).get("bn_model")
     if bn_model:
-        from .api import batchnorm_layers
+        from .run import batchnorm_layers
 
         statistics = _batchnorm_buffers(batchnorm_layers(sorted(actual)), set(actual))
         for name in statistics:

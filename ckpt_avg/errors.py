@@ -8,7 +8,7 @@ import re
 # name sets; test_errors keeps this in step with the dataclasses.
 API_NAMES = frozenset({
     "recursive", "glob", "key", "strip_prefix", "weights", "ema", "dtype", "accum_dtype", "device",
-    "int_policy", "allow_nonfinite", "trust_pickle", "allow_global", "force", "max_shard_size",
+    "int_policy", "allow_nonfinite", "trust_pickle", "allow_global", "force", "max_shard_size", "format",
     "bn_model", "bn_data", "bn_batch_size", "bn_batches",
     "by", "start", "end", "last", "best", "metric", "mode",
 })  # fmt: skip

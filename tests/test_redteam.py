@@ -228,3 +228,22 @@ def test_only_provably_stale_temps_are_removed(tmp_path: Path) -> None:
     assert (users / "data.txt").read_text() == "mine" and (nested / "sub" / "data.txt").read_text() == "mine"
     assert not ours.exists() and not stale_file.exists()
     assert sorted(os.listdir(parent / "out")) == ["config.json", "model.safetensors"]  # no marker in OUTPUT
+
+
+# ---------------------------------------------------------------- 6. hard-linked side files
+
+
+def test_a_hard_linked_side_file_is_not_copied(tmp_path: Path) -> None:
+    secret = tmp_path / "secret" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY----- SECRET\n")
+    for step in (100, 200):
+        trainer_dir(tmp_path / "run" / f"checkpoint-{step}", step, f'{{"global_step": {step}}}')
+    last = tmp_path / "run" / "checkpoint-200"
+    os.link(secret, last / "vocab.txt")
+    (last / "merges.txt").write_text("a b\n")  # a plain side file is still copied
+    result = run_cli(tmp_path / "run", "-o", f"{tmp_path / 'out'}/")
+    copied = sorted(os.listdir(tmp_path / "out"))
+    assert "vocab.txt" not in copied and "merges.txt" in copied
+    assert not any(b"SECRET" in (tmp_path / "out" / name).read_bytes() for name in copied)
+    assert f"{last / 'vocab.txt'}: not copied into the output: it has 2 hard links" in result.output

@@ -247,3 +247,27 @@ def test_a_hard_linked_side_file_is_not_copied(tmp_path: Path) -> None:
     assert "vocab.txt" not in copied and "merges.txt" in copied
     assert not any(b"SECRET" in (tmp_path / "out" / name).read_bytes() for name in copied)
     assert f"{last / 'vocab.txt'}: not copied into the output: it has 2 hard links" in result.output
+
+
+# ---------------------------------------------------------------- 7. converters that unpickle
+
+
+def test_refusals_that_recommend_an_unpickling_converter_say_it_runs_code(tmp_path: Path) -> None:
+    weights = {"w": torch.ones(2, 2)}
+    megatron = tmp_path / "meg" / "iter_0001000"
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        (megatron / rank).mkdir(parents=True)
+        torch.save({"model": weights}, megatron / rank / "model_optim_rng.pt")
+    zero = tmp_path / "global_step100"
+    zero.mkdir()
+    torch.save({"module": weights}, zero / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, zero / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    zero3 = tmp_path / "zero3"
+    zero3.mkdir()
+    for epoch in range(2):
+        torch.save({"module": {"w": torch.empty(0), "b": torch.empty(0)}}, zero3 / f"epoch_{epoch}.pt")
+    for source, converter in ((tmp_path / "meg", "convert.py"), (zero, "zero_to_fp32.py"), (zero3, "zero_to_fp32.py")):
+        result = run_cli(source, "-o", tmp_path / "avg.pt", expect=1)
+        line = result.stderr.strip()
+        assert line.startswith("Error: ") and "\n" not in line, line
+        assert converter in line and "full pickle, which runs any code in them" in line, line

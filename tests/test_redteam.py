@@ -103,6 +103,19 @@ def test_a_graph_of_shared_lists_stays_shared_in_a_pt_output(tmp_path: Path) -> 
     assert node == [1]
 
 
+def test_shared_optimizer_and_scheduler_graphs_are_walked_once(tmp_path: Path) -> None:
+    """The learning-rate reader walks optimizer_states and lr_schedulers: each container once."""
+    for epoch in range(2):
+        optimizers: list[Any] = [{"param_groups": [{"lr": 0.1}]}]
+        schedulers: list[Any] = [{"_last_lr": [0.1]}]
+        for _ in range(60):
+            optimizers, schedulers = [optimizers, optimizers], [schedulers, schedulers]
+        tree = {"epoch": epoch, "state_dict": {"w": torch.ones(2)}, "optimizer_states": optimizers}
+        torch.save({**tree, "lr_schedulers": schedulers}, tmp_path / f"epoch={epoch}.ckpt")
+    result = measured("inspect", tmp_path)
+    assert result.exit_code == 0 and "lr is 0.1 throughout" in result.stdout, result.stderr
+
+
 # ---------------------------------------------------------------- 2. sets in hash order
 
 

@@ -24,6 +24,10 @@ HF_WEIGHT_FILES = (
 )
 TEMP_PREFIX = ".ckpt-avg-tmp-"
 _GLOB_CHARS = set("*?[")
+# SPEC 1.1: a converter that unpickles the files is never recommended without saying so.
+UNPICKLES = (
+    "the converter loads the files with full pickle, which runs any code in them: run it only on files you trust"
+)
 # --recursive searches this many directory levels below an INPUT; deeper ones get a note.
 MAX_DEPTH = 100
 
@@ -95,7 +99,7 @@ def refuse_conversion_layouts(directory: str) -> None:
     ):
         raise DiscoveryError(
             f"{directory}: DeepSpeed ZeRO checkpoint (zero_pp_rank_* shards); convert it first: "
-            f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt"
+            f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt ({UNPICKLES})"
         )
     from .dcp import refuse_incomplete
 
@@ -105,7 +109,7 @@ def refuse_conversion_layouts(directory: str) -> None:
         raise DiscoveryError(
             f"{directory}: Megatron model-parallel checkpoint ({', '.join(sorted(ranks)[:3])}); merge the"
             " ranks first with Megatron-LM's tools/checkpoint/convert.py (--target-tensor-parallel-size 1"
-            " --target-pipeline-parallel-size 1)"
+            f" --target-pipeline-parallel-size 1; {UNPICKLES})"
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .average import Unit, Visit, classify
+from .discover import UNPICKLES
 from .errors import CheckpointError, MismatchError
 from .lazy import TensorLeaf, leaf_nbytes, leaf_shape, leaf_tie_key
 from .sources import OpenedCheckpoint
@@ -202,7 +203,7 @@ def _check_zero3(units: dict[str, Unit], file: str) -> None:
     if floats and sum(1 for u in floats if u.numel == 0) * 2 > len(floats):
         raise CheckpointError(
             f"{file}: most weights are empty placeholder tensors (a DeepSpeed ZeRO-3 checkpoint);"
-            " convert it first: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT.pt"
+            f" convert it first: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT.pt ({UNPICKLES})"
         )
 
 

@@ -109,21 +109,33 @@ def trainer_state_rate(path: str) -> Rate | None:
     return Rate((rates[-1],), "trainer_state.json") if rates else None
 
 
-def _optimizer_rates(state: Any) -> list[float]:
-    """Rates of every group of one optimizer state dict, a list of them, or a dict of named ones."""
+def _optimizer_rates(state: Any, seen: set[int] | None = None) -> list[float]:
+    """Rates of every group of one optimizer state dict, a list of them, or a dict of named ones.
+
+    Each container is looked at once (`seen`): a graph of shared lists from a few KB of
+    pickle would otherwise be walked 2**60 times.
+    """
+    seen = set() if seen is None else seen
+    if id(state) in seen:
+        return []
+    seen.add(id(state))
     if isinstance(state, dict) and isinstance(state.get("param_groups"), list):
         rates = [_number(g.get("lr")) for g in state["param_groups"] if isinstance(g, dict)]
         return [r for r in rates if r is not None]
     if isinstance(state, dict):  # mmengine with several optimizers: {name: state dict}
-        return [r for value in state.values() if isinstance(value, dict) for r in _optimizer_rates(value)]
+        return [r for value in state.values() if isinstance(value, dict) for r in _optimizer_rates(value, seen)]
     if isinstance(state, list | tuple):  # Lightning: one state dict per optimizer
-        return [r for value in state for r in _optimizer_rates(value)]
+        return [r for value in state for r in _optimizer_rates(value, seen)]
     return []
 
 
-def _scheduler_rates(state: Any) -> list[float]:
+def _scheduler_rates(state: Any, seen: set[int] | None = None) -> list[float]:
+    seen = set() if seen is None else seen
+    if id(state) in seen:
+        return []
+    seen.add(id(state))
     if isinstance(state, list | tuple):
-        return [r for value in state for r in _scheduler_rates(value)]
+        return [r for value in state for r in _scheduler_rates(value, seen)]
     if isinstance(state, dict) and isinstance(state.get("_last_lr"), list | tuple):
         rates = [_number(v) for v in state["_last_lr"]]
         return [r for r in rates if r is not None]

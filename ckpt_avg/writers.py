@@ -402,7 +402,9 @@ def copy_side_file(source: str, name: str, directory: str) -> str:
     A symbolic link is never followed (it could point at /proc/self/environ or a key file,
     whose contents would then sit in an output that is shared), nor is anything that is
     not a regular file on the input directory's own file system (a device, a FIFO, a file
-    mounted over the name). The copy is no more readable than the source.
+    mounted over the name), nor a file with more than one hard link: its other name may be
+    a secret anywhere on the file system, and nothing tells which name is the original.
+    The copy is no more readable than the source.
     """
     path = os.path.join(source, name)
     try:
@@ -419,6 +421,11 @@ def copy_side_file(source: str, name: str, directory: str) -> str:
         opened = os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
             return "it changed while it was being opened"
+        if opened.st_nlink > 1:
+            return (
+                f"it has {opened.st_nlink} hard links (another name for it may be a file outside the input"
+                " directory; copy it yourself if it is meant)"
+            )
         mode = stat.S_IMODE(opened.st_mode) & 0o644
         with _new_file(os.path.join(directory, name), mode) as out:
             shutil.copyfileobj(file, out)

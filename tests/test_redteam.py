@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import save_file
@@ -103,6 +104,19 @@ def test_a_graph_of_shared_lists_stays_shared_in_a_pt_output(tmp_path: Path) -> 
     assert node == [1]
 
 
+def test_shared_optimizer_and_scheduler_graphs_are_walked_once(tmp_path: Path) -> None:
+    """The learning-rate reader walks optimizer_states and lr_schedulers: each container once."""
+    for epoch in range(2):
+        optimizers: list[Any] = [{"param_groups": [{"lr": 0.1}]}]
+        schedulers: list[Any] = [{"_last_lr": [0.1]}]
+        for _ in range(60):
+            optimizers, schedulers = [optimizers, optimizers], [schedulers, schedulers]
+        tree = {"epoch": epoch, "state_dict": {"w": torch.ones(2)}, "optimizer_states": optimizers}
+        torch.save({**tree, "lr_schedulers": schedulers}, tmp_path / f"epoch={epoch}.ckpt")
+    result = measured("inspect", tmp_path)
+    assert result.exit_code == 0 and "lr is 0.1 throughout" in result.stdout, result.stderr
+
+
 # ---------------------------------------------------------------- 2. sets in hash order
 
 
@@ -144,16 +158,17 @@ def bn_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_bn_data_is_read_only_for_the_batches_used(tmp_path: Path) -> None:
+def test_bn_data_is_read_only_for_the_batches_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = bn_project(tmp_path)
     bn = ("--bn-model", "bnm:make_model", "--bn-data")
     for data in ("data27.pt", "data40.pt"):
         result = measured("ck", "-o", "ex.pt", "--force", *bn, data, "--bn-batches", "3", cwd=project)
         assert result.exit_code == 0, result.stderr
+    monkeypatch.chdir(project)
     for data in ("data27.pt", "data40.pt"):  # every batch: 2 GB and more made from 16 bytes
-        result = measured("ck", "-o", f"{data}.out.pt", *bn, data, cwd=project)
-        one_error_line(result, f"--bn-data {data}: the input tensor is a view of 16 stored bytes")
-        assert not (project / f"{data}.out.pt").exists()
+        result = run_cli("ck", "-o", f"{data}.out.pt", *bn, data, expect=1)
+        assert result.stderr.startswith(f"Error: --bn-data {data}: the input tensor is a view of 16 stored bytes")
+        assert len(result.stderr.splitlines()) == 1 and not (project / f"{data}.out.pt").exists()
 
 
 # ---------------------------------------------------------------- 4. deep JSON, deep directories
@@ -228,3 +243,46 @@ def test_only_provably_stale_temps_are_removed(tmp_path: Path) -> None:
     assert (users / "data.txt").read_text() == "mine" and (nested / "sub" / "data.txt").read_text() == "mine"
     assert not ours.exists() and not stale_file.exists()
     assert sorted(os.listdir(parent / "out")) == ["config.json", "model.safetensors"]  # no marker in OUTPUT
+
+
+# ---------------------------------------------------------------- 6. hard-linked side files
+
+
+def test_a_hard_linked_side_file_is_not_copied(tmp_path: Path) -> None:
+    secret = tmp_path / "secret" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY----- SECRET\n")
+    for step in (100, 200):
+        trainer_dir(tmp_path / "run" / f"checkpoint-{step}", step, f'{{"global_step": {step}}}')
+    last = tmp_path / "run" / "checkpoint-200"
+    os.link(secret, last / "vocab.txt")
+    (last / "merges.txt").write_text("a b\n")  # a plain side file is still copied
+    result = run_cli(tmp_path / "run", "-o", f"{tmp_path / 'out'}/")
+    copied = sorted(os.listdir(tmp_path / "out"))
+    assert "vocab.txt" not in copied and "merges.txt" in copied
+    assert not any(b"SECRET" in (tmp_path / "out" / name).read_bytes() for name in copied)
+    assert f"{last / 'vocab.txt'}: not copied into the output: it has 2 hard links" in result.output
+
+
+# ---------------------------------------------------------------- 7. converters that unpickle
+
+
+def test_refusals_that_recommend_an_unpickling_converter_say_it_runs_code(tmp_path: Path) -> None:
+    weights = {"w": torch.ones(2, 2)}
+    megatron = tmp_path / "meg" / "iter_0001000"
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        (megatron / rank).mkdir(parents=True)
+        torch.save({"model": weights}, megatron / rank / "model_optim_rng.pt")
+    zero = tmp_path / "global_step100"
+    zero.mkdir()
+    torch.save({"module": weights}, zero / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, zero / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    zero3 = tmp_path / "zero3"
+    zero3.mkdir()
+    for epoch in range(2):
+        torch.save({"module": {"w": torch.empty(0), "b": torch.empty(0)}}, zero3 / f"epoch_{epoch}.pt")
+    for source, converter in ((tmp_path / "meg", "convert.py"), (zero, "zero_to_fp32.py"), (zero3, "zero_to_fp32.py")):
+        result = run_cli(source, "-o", tmp_path / "avg.pt", expect=1)
+        line = result.stderr.strip()
+        assert line.startswith("Error: ") and "\n" not in line, line
+        assert converter in line and "full pickle, which runs any code in them" in line, line

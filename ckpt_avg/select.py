@@ -15,6 +15,7 @@ from .discover import CheckpointRef
 from .errors import SelectionError, UsageError
 
 _LOWER_IS_BETTER = ("loss", "err", "ppl", "perplexity", "wer", "cer", "mse", "mae", "rmse", "nll")
+_OTHER_INDEX = {"epoch": "step", "step": "epoch"}
 _HIGHER_IS_BETTER = ("acc", "f1", "bleu", "auc", "precision", "recall", "score", "map", "iou", "top1", "top5")
 
 
@@ -170,10 +171,9 @@ def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[
                 f" to average these very files, name them: ckpt-avg {names} -o OUTPUT"
             )
         return "order", []
+    choose = "the index with --by epoch|step" if not by else f"the other index with --by {_OTHER_INDEX[by]}"
     raise SelectionError(
-        "cannot order the checkpoints: "
-        + "; ".join(problems)
-        + (". Choose the index with --by epoch|step, or narrow the inputs with --glob" if not by else "")
+        f"cannot order the checkpoints: {'; '.join(problems)}. Choose {choose}, or narrow the inputs with --glob"
     )
 
 

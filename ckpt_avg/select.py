@@ -53,6 +53,9 @@ class SelectOptions:
     best: int | None = None
     metric: str | None = None
     mode: str | None = None
+    # Every input, in the order given, no selection: `verify --recompute` averages exactly the
+    # recorded inputs (or the files given in their place) in the recorded order.
+    as_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def metric_mode(metric: str, mode: str | None) -> str:
 def make_plan(candidates: Sequence[Candidate], options: SelectOptions) -> Plan:
     """Order the candidates by their index and apply the selection options."""
     validate_options(options)
+    if options.as_given:
+        return Plan("order", tuple(PlanEntry(c, None) for c in sorted(candidates, key=lambda c: c.ref.order)))
     regular = [c for c in candidates if not c.is_alias]
     aliases = [c for c in candidates if c.is_alias]
     by, skipped = _index_kind(regular or aliases, options.by)

@@ -492,7 +492,7 @@ class _Run:
             candidates=records,
             dry_run=dry_run,
             state_dict_key=dotted(self.choice.primary) if self.choice else None,
-            other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
+            other_state_dicts=[dotted(p) for p in (*self.choice.others, *self.choice.listed)] if self.choice else [],
             warnings=list(self.warnings),
         )
 

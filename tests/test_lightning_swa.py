@@ -144,3 +144,16 @@ def test_inspect_leaves_lightnings_swa_average_out_of_its_analysis_and_its_sugge
     command = shlex.split(inspection["suggestion"]["command"])
     assert command[command.index("--end") + 1] == "5"
     assert any("epoch=6.ckpt holds Lightning's SWA average" in w for w in inspection["warnings"])
+
+
+def test_lightnings_own_swa_average_is_listed_among_the_state_dicts_found(
+    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ckpts, _ = swa_run
+    found = "callbacks.StochasticWeightAveraging.average_model_state"
+    plan = run_cli("--dry-run", "--last", "3", ckpts).stdout
+    assert f"state dict: state_dict; also found: {found}" in plan
+    out = tmp_path / "avg.ckpt"
+    report = json.loads(run_cli("--json", "--last", "3", ckpts, "-o", out).stdout)
+    assert report["other_state_dicts"] == [found]
+    assert "callbacks" not in torch.load(out, weights_only=True)  # listed, never averaged into the output

@@ -32,7 +32,7 @@ from .layout import Layout, build_layout, has_state_dict
 from .modules import pickled_modules
 from .naming import PYTORCH_SUFFIXES
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .select import Candidate, SelectOptions, describe_order, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .torchfile import UnsupportedTensor
@@ -489,6 +489,7 @@ class _Run:
         return Report(
             version=__version__,
             by=self.plan.by,
+            order=describe_order(self.plan),
             candidates=records,
             dry_run=dry_run,
             state_dict_key=dotted(self.choice.primary) if self.choice else None,

@@ -49,7 +49,7 @@ from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize
 from .report import human_size, terminal_safe
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start
-from .select import unindexed_found
+from .select import describe_order, unindexed_found
 from .sources import OpenedCheckpoint, content_meta
 from .statedict import dotted, holds_lightning_swa_average
 
@@ -115,6 +115,7 @@ class Inspection:
     version: str
     by: str
     rows: list[Row]
+    order: str  # how the rows are ordered, in words (select.describe_order)
     state_dict_key: str | None
     float_tensors: int
     parameters: int
@@ -194,13 +195,11 @@ def inspect_checkpoints(
     if unindexed_found(run.plan):
         # Never a silent order: drift and rates between names in natural order say nothing about the run.
         schedule = ScheduleStart(None, "", "")
-        drift_position, note = (
-            None,
-            (
-                "the checkpoints carry no epoch or step in their names or contents, so they have no order"
-                " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
-            ),
-        )
+        drift_position, note = None, (
+            "the checkpoints carry no epoch or step in their names or contents, so they have no order"
+            " to suggest a start in (name the files one by one in the order you mean, or rename them with"
+            " their epoch)"
+        )  # fmt: skip
 
     def suggest(position: int, rule: str, reason: str) -> Suggestion:
         differing = differing_integers(layout.primary_units, position, chunk_elements)
@@ -215,9 +214,9 @@ def inspect_checkpoints(
 
     suggestion, alternative, note = _choose(schedule, drift_position, note, suggest)
     return Inspection(
-        version=__version__, by=run.plan.by, rows=rows, state_dict_key=dotted(run.choice.primary),
-        float_tensors=len(units), parameters=parameter_count(layout), band=band,
-        suggestion=suggestion, note=note, warnings=list(run.warnings), schedule=schedule.reason,
+        version=__version__, by=run.plan.by, order=describe_order(run.plan), rows=rows,
+        state_dict_key=dotted(run.choice.primary), float_tensors=len(units), parameters=parameter_count(layout),
+        band=band, suggestion=suggestion, note=note, warnings=list(run.warnings), schedule=schedule.reason,
         alternative=alternative,
     )  # fmt: skip
 
@@ -684,7 +683,7 @@ def _align(rows: list[list[str]], numeric: set[int]) -> str:
 def _footer(inspection: Inspection, shown: int) -> list[str]:
     total = len({name for row in inspection.rows for name in row.metrics})
     lines = [
-        f"{len(inspection.inspected)} checkpoint(s) inspected, ordered by {inspection.by};"
+        f"{len(inspection.inspected)} checkpoint(s) inspected, {inspection.order};"
         f" state dict: {inspection.state_dict_key}, {inspection.float_tensors} float tensors,"
         f" {inspection.parameters:,} parameters"
         + (f"; {total - shown} more metric(s) in --json" if total > shown else ""),

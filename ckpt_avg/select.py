@@ -195,12 +195,26 @@ def refuse_unindexed_order(plan: Plan, options: Sequence[str]) -> None:
     if not found or not options or len(plan.entries) < 2:
         return  # one checkpoint is in order
     names = ", ".join(c.ref.display for c in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    # No suggestion of --by: an order plan means no candidate carries an epoch or step to choose.
     raise SelectionError(
         f"{' and '.join(options)} {'needs' if len(options) == 1 else 'need'} an order, but {names} carry no epoch"
         " or step in their names or contents;"
-        " name the files one by one in the order you mean, rename them with their epoch (epoch_3.pt),"
-        " or choose the index with --by epoch|step"
+        " name the files one by one in the order you mean, or rename them with their epoch (epoch_3.pt)"
     )
+
+
+def describe_order(plan: Plan) -> str:
+    """How the plan orders the checkpoints, in words: which of the order rules applies."""
+    if plan.by == "save":
+        return "ordered by save count (accelerate's checkpoint_N)"
+    if plan.by != "order":
+        return f"ordered by {plan.by}"
+    named = {e.candidate.ref.explicit for e in plan.entries if e.selected}
+    if named == {True}:
+        return "in the order given on the command line (no epoch or step)"
+    if named == {False}:
+        return "in natural order of their names (no epoch or step)"
+    return "files named one by one in the order given, those found in a directory or glob in natural order"
 
 
 def _superseded_mid_epoch(candidates: list[Candidate]) -> list[tuple[Candidate, str]]:

@@ -52,11 +52,17 @@ def test_twelve_unindexed_names_from_a_glob_refuse_last_3(tmp_path: Path) -> Non
     out = tmp_path / "avg.safetensors"
     result = run_cli("--last", "3", str(tmp_path / "*.safetensors"), "-o", out, expect=1)
     assert result.stderr.startswith("Error: --last needs an order, but ")
-    assert "rename them with their epoch" in result.stderr and "--by" in result.stderr
+    assert "name the files one by one" in result.stderr and "rename them with their epoch" in result.stderr
+    assert "--by" not in result.stderr  # no candidate carries an epoch or step: --by cannot help
     assert not out.exists()
     for option in (["--ema", "0.9"], ["--weights", ",".join(["1"] * 12)], ["--start", "3"], ["--end", "4"]):
         run_cli(*option, tmp_path, "-o", out, expect=1)
     assert not out.exists()
+    footer = "12 of 12 checkpoint(s) selected, in natural order of their names (no epoch or step)"
+    assert footer in run_cli("--dry-run", tmp_path).stdout
+    inspected = CliRunner().invoke(inspect_command, [str(tmp_path)], catch_exceptions=False).stdout
+    assert "12 checkpoint(s) inspected, in natural order of their names (no epoch or step)" in inspected
+    assert "ordered by order" not in inspected and "--by" not in inspected
 
 
 def test_unindexed_names_without_an_order_option_average_all_in_natural_order(tmp_path: Path) -> None:

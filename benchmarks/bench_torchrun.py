@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckpt_avg.distributed import assign_files
-from ckpt_avg.write import parse_size, plan_shards
+from ckpt_avg.options import parse_size
+from ckpt_avg.write import plan_shards
 
 MiB = 1 << 20
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 if TYPE_CHECKING:
-    from .api import Options, average_checkpoints, plan_checkpoints
+    from .api import average_checkpoints, plan_checkpoints
     from .errors import CkptAvgError
+    from .options import Options
     from .report import Report
     from .select import SelectOptions
     from .verify import Verification, verify_output
 
 _EXPORTS = {
-    "Options": "api",
+    "Options": "options",
     "average_checkpoints": "api",
     "plan_checkpoints": "api",
     "CkptAvgError": "errors",

@@ -16,21 +16,22 @@ import shlex
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import __version__
-from .average import AverageOptions, Budgets, Digests, Engine, Visit, mixing_weights
+from ._version import __version__
+from .average import AverageOptions, Digests, Engine, Visit, mixing_weights
 from .digest import FORMAT_VERSION, SCHEME
 from .discover import CheckpointRef, Discovery, Skipped, discover
+from .dtypes import BY_OPTION, OUTPUT_CHOICES
 from .errors import CheckpointError, CkptAvgError, UsageError
-from .guard import OutputKind, check_output, is_ckpt_avg_output, validate_output_name
+from .guard import OutputKind, check_output, directory_kind, is_ckpt_avg_output, validate_output_name
 from .indices import candidate_from, mark_copies
 from .layout import Layout, build_layout, has_state_dict
 from .modules import pickled_modules
 from .naming import PYTORCH_SUFFIXES
+from .options import Options as Options  # re-exported: `from ckpt_avg.api import Options` keeps working
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, describe_order, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
@@ -39,49 +40,10 @@ from .torchfile import UnsupportedTensor
 from .unpickle import PicklePolicy, check_allow_global
 from .userpath import importable_from_cwd
 from .write import remove_stale_temps
-from .writers import Written, ordered_visits, write_output
+from .writers import ordered_visits, write_output
+from .written import Written
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-}
-
-
-@dataclass(frozen=True)
-class Options:
-    """Every choice a run takes; the CLI's options map onto these one to one."""
-
-    recursive: bool = False
-    glob: str | None = None
-    select: SelectOptions = field(default_factory=SelectOptions)
-    key: str | None = None
-    strip_prefix: tuple[str, ...] = ()
-    weights: tuple[float, ...] | None = None
-    ema: float | None = None
-    dtype: str | None = None
-    accum_dtype: str = "float64"
-    device: str = "cpu"
-    int_policy: str = "error"
-    allow_nonfinite: bool = False
-    trust_pickle: bool = False
-    allow_global: tuple[str, ...] = ()
-    force: bool = False
-    max_shard_size: str | None = None
-    hash_files: bool = True  # the report's sha256 of each file written (taken as the bytes are written)
-    bn_model: str | None = None  # MODULE:CALLABLE returning the model
-    bn_data: str | None = None  # MODULE:CALLABLE returning batches, or a .pt/.safetensors file
-    bn_batch_size: int = 32
-    bn_batches: int | None = None
-    budgets: Budgets = field(default_factory=Budgets)  # buffer memory and threads of the kernel
+DTYPES = BY_OPTION  # --dtype's spellings
 
 
 def plan_checkpoints(inputs: Sequence[str], options: Options | None = None) -> Report:
@@ -118,10 +80,11 @@ def average_checkpoints(
 
         if ranks_of(process_group).world > 1:
             return average_on_ranks(inputs, output, options, process_group, progress=progress, on_total=on_total)
-    kind = _validate(options, output)
-    assert kind is not None
+    named = _validate(options, output)
+    assert named is not None
     started = time.monotonic()
     run = _Run(inputs, options)
+    kind = run.output_kind(named)
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(kind, output)
@@ -264,8 +227,8 @@ def _validate(options: Options, output: str | None = None) -> OutputKind | None:
     """Usage errors, found before any file is opened; the kind of OUTPUT, where there is one."""
     validate_options(options.select)
     if options.dtype is not None and options.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of float32, bfloat16, float16, float64, not {options.dtype!r}")
-    if options.accum_dtype not in ("float64", "float32", "fp64", "fp32", "double", "float"):
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_CHOICES)}, not {options.dtype!r}")
+    if BY_OPTION.get(options.accum_dtype) not in (torch.float64, torch.float32):
         raise UsageError(f"--accum-dtype must be float64 or float32, not {options.accum_dtype!r}")
     if options.int_policy not in ("error", "last"):
         raise UsageError(f"--int-policy must be error or last, not {options.int_policy!r}")
@@ -291,9 +254,11 @@ def _validate(options: Options, output: str | None = None) -> OutputKind | None:
         validate_specs(options.bn_model, options.bn_data)  # a typo must not wait for a long average
     if options.bn_batch_size < 1 or (options.bn_batches is not None and options.bn_batches < 1):
         raise UsageError("--bn-batch-size and --bn-batches must be at least 1")
+    if options.format not in (None, "hf", "dcp"):
+        raise UsageError(f"--format must be hf or dcp, not {options.format!r}")
     if output is None:
         return None
-    return validate_output_name(output, max_shard_size=options.max_shard_size)
+    return validate_output_name(output, max_shard_size=options.max_shard_size, out_format=options.format)
 
 
 def check_device(device: str) -> None:
@@ -329,6 +294,11 @@ class _Run:
         self.selected_opened: list[OpenedCheckpoint] = []
         self.choice: StateDictChoice | None = None
         self.second_models: list[str] = []
+
+    def output_kind(self, named: OutputKind) -> OutputKind:
+        """OUTPUT's kind now the selected inputs are known (`named`: from its name and --format)."""
+        inputs_dcp = all(c.ref.format == "dcp" for c in self.plan.selected)
+        return directory_kind(named, self.options.format, inputs_dcp)
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
@@ -416,7 +386,10 @@ class _Run:
             refuse_uncopyable_extras(layout)
         extras = [f"{dotted(p)}: {k}" if p else k for p, entries in layout.extras.items() for k in entries]
         if extras:
-            fate = "copied from the last checkpoint" if kind.keeps_structure else "left out of this flat output"
+            fate = {
+                OutputKind.PYTORCH: "copied from the last checkpoint",
+                OutputKind.DCP_DIRECTORY: "copied from the last checkpoint where they are plain data",
+            }.get(kind, "left out of this flat output")
             self.warnings.append(
                 f"{len(extras)} state-dict entr{'y is' if len(extras) == 1 else 'ies are'} not weights"
                 f" (extra state, packed parameters: {', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''}):"
@@ -610,7 +583,7 @@ def _without_earlier_outputs(found: Discovery) -> Discovery:
 
 
 def engine_options(options: Options, count: int, overrides: dict[str, torch.Tensor] | None = None) -> AverageOptions:
-    accumulate = torch.float32 if options.accum_dtype in ("float32", "fp32", "float") else torch.float64
+    accumulate = BY_OPTION[options.accum_dtype]
     return AverageOptions(
         weights=mixing_weights(count, options.weights, options.ema),
         accum_dtype=accumulate,

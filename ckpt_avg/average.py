@@ -1,16 +1,16 @@
 """The streaming kernel: tensor by tensor, chunk by chunk, across all selected checkpoints.
 
 For each chunk of each tensor, every input's bytes are read ahead into reusable buffers
-(and hashed, BLAKE3 per tensor) on reader threads; the main thread sums them in float64 in
-index order, block by cache-sized block, divides, and rounds once into the output dtype; a
-writer thread hashes the result and hands it to the sink. Memory is a fixed budget of buffers split among
-the inputs, whatever the number of checkpoints or the size of the model.
+(and hashed, BLAKE3 per tensor) on reader threads; the main thread hands them to a reducer
+(reduce.py: the float64 mean in index order, rounded once, on the CPU block by cache-sized
+block or on a device); a writer thread hashes the result and hands it to the sink. Memory is
+a fixed budget of buffers split among the inputs, whatever the number of checkpoints or the
+size of the model. This module schedules; reduce.py computes.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import os
 import queue
 import threading
@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import torch
 
 from .digest import TensorDigests, tensor_hasher
-from .errors import MismatchError, NonFiniteError, UsageError
+from .errors import UsageError
 from .lazy import SpilledTensor, TensorLeaf, close_spilled, fill_leaf_range, itemsize, leaf_numel, prefetch_leaf_range
+from .reduce import DONE, Pending, Reducer, reducer_for
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "steps", "global_step", "num_updates")
@@ -326,7 +327,7 @@ class _Writer:
         self.issued = 0
         self.error: BaseException | None = None
         self.cancelled = False
-        self.queue: queue.SimpleQueue[tuple[_Step, torch.Tensor] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[_Step, torch.Tensor, Pending] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="ckpt-avg-write", daemon=True)
         self.thread.start()
 
@@ -338,15 +339,16 @@ class _Writer:
         self.issued += 1
         return buffer[: count * itemsize(dtype)].view(dtype)
 
-    def write(self, step: _Step, data: torch.Tensor) -> None:
-        """Queue step's result, in a buffer taken from `buffer()`: hashed, then written."""
-        self.queue.put((step, data))
+    def write(self, step: _Step, data: torch.Tensor, pending: Pending) -> None:
+        """Queue step's result, in a buffer taken from `buffer()`: hashed once ready, then written."""
+        self.queue.put((step, data, pending))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            step, data = item
+            step, data, pending = item
             try:
                 if self.error is None and not self.cancelled:
+                    pending.output_ready()
                     self._hash(step, data)
                     self.sink.write(step.visit.unit, step.start, data)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
@@ -387,35 +389,10 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return tensor.contiguous().view(torch.uint8).numpy().data
 
 
-def round_once_into(
-    values: torch.Tensor, out: torch.Tensor, scratch: Callable[[str, int, torch.dtype], torch.Tensor]
-) -> None:
-    """`out.copy_(round_once(values, out.dtype))`, without allocating: `scratch` lends buffers."""
-    if out.dtype not in (torch.bfloat16, torch.float16) or values.dtype != torch.float64:
-        out.copy_(values)  # one IEEE rounding (or an exact copy)
-        return
-    count = values.numel()
-    nearest = scratch("f32", count, torch.float32)
-    nearest.copy_(values)
-    back = scratch("f64", count, torch.float64)
-    back.copy_(nearest)
-    inexact = scratch("inexact", count, torch.int32)  # int32 masks: same-dtype integer ops are fast
-    torch.ne(back, values, out=inexact)
-    # (nearest - value) * value > 0 where float32 rounded away from zero: step back toward
-    # zero, then set the last bit: round-to-odd, which the second rounding keeps exact.
-    back.sub_(values).mul_(values)
-    away = scratch("away", count, torch.int32)
-    torch.gt(back, 0, out=away)
-    bits = nearest.view(torch.int32)
-    bits.sub_(away)
-    bits.bitwise_or_(inexact)
-    out.copy_(nearest)
-
-
 class Engine:
     """Averages visits chunk by chunk: reading and hashing the inputs on reader threads, the
-    arithmetic on the calling thread (or `options.device`), hashing and writing the result
-    on a writer thread.
+    arithmetic by `self.reducer` on the calling thread (or `options.device`), hashing and
+    writing the result on a writer thread. The engine only schedules: any `Reducer` fits.
 
     Memory is a fixed budget of reusable buffers split among the inputs, whatever the
     number of checkpoints or the size of the model: about 96 MiB of read buffers, 48 MiB of
@@ -437,27 +414,34 @@ class Engine:
         self.sink = sink
         self.digests = digests
         self.progress = progress
-        self.device = torch.device(options.device)
-        if self.device.type == "mps" and options.accum_dtype == torch.float64:
-            self.device = torch.device("cpu")  # MPS has no float64, and the mean must be exact
-        self._blocked = self.device.type == "cpu"  # cache-sized blocks on the CPU, whole chunks on a device
-        self._scratch: dict[str, torch.Tensor] = {}
+        self.reducer: Reducer = reducer_for(
+            options.device,
+            files,
+            weights=options.weights,
+            accum_dtype=options.accum_dtype,
+            allow_nonfinite=options.allow_nonfinite,
+            int_policy=options.int_policy,
+            block_elements=self.budgets.block_elements,
+        )
 
     def run(self, visits: Sequence[Visit]) -> None:
         steps = self._steps(visits)
         if not steps:
             return
-        pin = self.device.type == "cuda"
+        pin = self.reducer.pin_memory
         inputs = len(steps[0].visit.unit.leaves)
         read_sizes = [max(s.count * itemsize(s.visit.unit.leaves[i].dtype) for s in steps) for i in range(inputs)]
         buffers = [
             [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in read_sizes] for _ in range(READ_SLOTS)
         ]
         capacity = max(s.count * itemsize(s.visit.unit.out_dtype) for s in steps)
-        threads = torch.get_num_threads()
         read_threads, arith_threads = self.budgets.threads()
-        if self.device.type == "cpu" and threads > arith_threads:
-            torch.set_num_threads(arith_threads)
+        with self.reducer.running(arith_threads):
+            self._loop(steps, buffers, capacity, read_threads, pin)
+
+    def _loop(
+        self, steps: list[_Step], buffers: list[list[torch.Tensor]], capacity: int, read_threads: int, pin: bool
+    ) -> None:
         readers: _Readers | None = None
         writer: _Writer | None = None
         collecting = gc.isenabled()
@@ -467,7 +451,7 @@ class Engine:
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
             for k, step in enumerate(steps):
                 chunks = readers.take(k)
-                self._step(step, chunks, writer)
+                self._step(step, chunks, writer).inputs_free()
                 readers.give_back(k)
             writer.finish()
         finally:
@@ -477,8 +461,6 @@ class Engine:
                 writer.close()
             if collecting:
                 gc.enable()
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
 
     def _steps(self, visits: Sequence[Visit]) -> list[_Step]:
         """Chunks of each unit's first visit; the unit's digested names go with them."""
@@ -515,133 +497,18 @@ class Engine:
             return [(0, 0)]  # an empty tensor still gets its (empty) record written
         return [(start, min(size, total - start)) for start in range(0, total, size)]
 
-    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer) -> None:
+    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer) -> Pending:
         unit = step.visit.unit
         out = writer.buffer(unit.out_dtype, step.count)
         override = self.options.overrides.get(unit.names[0])
+        pending = DONE
         if override is not None:
             out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
         else:
-            self._combine(unit, step.visit.label, chunks, out)
-        writer.write(step, out)
+            pending = self.reducer.reduce(unit.kind, step.visit.label, chunks, out)
+        writer.write(step, out, pending)
         self.progress(sum(c.numel() * c.element_size() for c in chunks))
-
-    def _combine(self, unit: Unit, name: str, chunks: list[torch.Tensor], out: torch.Tensor) -> None:
-        if unit.kind == "float":
-            self._mean(unit, name, chunks, out)
-            return
-        if unit.kind == "int" and self.options.int_policy == "error":
-            first = chunks[0]
-            for position, chunk in enumerate(chunks[1:], start=1):
-                if not torch.equal(first, chunk):
-                    raise MismatchError(
-                        f"integer tensor {name!r} differs between {self.files[0]} and {self.files[position]};"
-                        " averaging integers is meaningless (use --int-policy last to copy the last one)"
-                    )
-        out.copy_(chunks[-1])
-
-    def _mean(self, unit: Unit, name: str, chunks: list[torch.Tensor], out: torch.Tensor) -> None:
-        """The (weighted) mean of the chunks, rounded once into `out`.
-
-        On the CPU the work goes block by block so the float64 scratch stays in cache; on a
-        device the chunks are copied over (from pinned buffers) and done in one block.
-        """
-        narrowing = not self.options.allow_nonfinite and _narrower(unit)
-        overflowed = False
-        if self._blocked:
-            block = self.budgets.block_elements
-            sums = self._buffer("sums", -(-out.numel() // block), torch.float64)
-            for j, start in enumerate(range(0, out.numel(), block)):
-                end = min(out.numel(), start + block)
-                self._mean_block([c[start:end] for c in chunks], out[start:end], sums[j])
-                overflowed = overflowed or (narrowing and _overflows(out[start:end]))  # while it is in cache
-        else:
-            sums = self._buffer("sums", 1, torch.float64)
-            result = self._buffer("result", out.numel(), out.dtype)
-            self._mean_block([c.to(self.device, non_blocking=True) for c in chunks], result, sums[0])
-            overflowed = narrowing and out.numel() > 0 and _overflows(result)
-            out.copy_(result, non_blocking=True)
-        if not self.options.allow_nonfinite and not math.isfinite(float(sums.sum())):
-            self._check_finite(name, chunks)  # a finite sum proves every mean finite; else look closer
-        _synchronize(self.device)  # the read buffers and `out` are reused next
-        if overflowed:  # finite means (checked above) that the output dtype cannot hold
-            raise NonFiniteError(
-                f"tensor {name!r}: its mean is beyond the range of {str(out.dtype).removeprefix('torch.')}"
-                f" (largest {torch.finfo(out.dtype).max:g}) and would be written as Inf; choose a wider --dtype,"
-                " or --allow-nonfinite to write it anyway"
-            )
-
-    def _mean_block(self, xs: list[torch.Tensor], out: torch.Tensor, total: torch.Tensor) -> None:
-        """Sum in index order in the accumulator dtype, divide, round once; `total` gets the sum."""
-        accum = self.options.accum_dtype
-        acc = self._buffer("acc", out.numel(), accum)
-        weights = self.options.weights
-        if weights is None:
-            torch.add(xs[0], 0.0, out=acc)  # 0 + x0, as a sum that starts from zero (-0.0 becomes +0.0)
-            converted = self._buffer("conv", out.numel(), accum)
-            for x in xs[1:]:
-                acc.add_(x if x.dtype == accum else converted.copy_(x))
-            acc.div_(len(xs))
-        else:
-            acc.zero_()
-            converted = self._buffer("conv", out.numel(), accum)
-            for x, weight in zip(xs, weights, strict=True):
-                acc.add_(converted.copy_(x).mul_(weight))
-        if not self.options.allow_nonfinite and out.numel():
-            torch.sum(acc, 0, dtype=torch.float64, out=total)
-        else:
-            total.zero_()
-        round_once_into(acc, out, self._buffer)
-
-    def _buffer(self, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """Reusable scratch on the arithmetic's device, grown when a larger one is needed."""
-        key = f"{name}:{dtype}"
-        buffer = self._scratch.get(key)
-        if buffer is None or buffer.numel() < count:
-            buffer = torch.empty(
-                max(count, self.budgets.block_elements if self._blocked else count), dtype=dtype, device=self.device
-            )
-            self._scratch[key] = buffer
-        return buffer[:count]
-
-    def _check_finite(self, name: str, chunks: list[torch.Tensor]) -> None:
-        """The slow exact check, for the rare chunk whose sum is not finite."""
-        self._blame_nonfinite(name, chunks)
-        accum = self.options.accum_dtype
-        total = torch.zeros(chunks[0].numel(), dtype=accum)
-        for position, chunk in enumerate(chunks):
-            converted = chunk.to(accum)
-            if self.options.weights is not None:
-                converted.mul_(self.options.weights[position])
-            total.add_(converted)
-        if not bool(torch.isfinite(total).all()):
-            raise NonFiniteError(f"tensor {name!r}: the mean overflows {accum}")
-
-    def _blame_nonfinite(self, name: str, chunks: list[torch.Tensor]) -> None:
-        for position, chunk in enumerate(chunks):
-            if not bool(torch.isfinite(chunk).all()):
-                raise NonFiniteError(
-                    f"{self.files[position]}: tensor {name!r} contains NaN or Inf"
-                    " (use --allow-nonfinite to average it anyway)"
-                )
-
-
-def _overflows(values: torch.Tensor) -> bool:
-    low, high = torch.aminmax(values)
-    return not (math.isfinite(float(low)) and math.isfinite(float(high)))
-
-
-def _narrower(unit: Unit) -> bool:
-    """Whether a finite mean of the inputs can still round to Inf in the output dtype (`--dtype float16`)."""
-    largest = torch.finfo(unit.out_dtype).max
-    return any(torch.finfo(leaf.dtype).max > largest for leaf in unit.leaves if leaf.dtype.is_floating_point)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+        return pending
 
 
 class MemorySink:

@@ -92,7 +92,11 @@ def recompute_batchnorm(
             )
             return {}
         model.to(torch.device(device))
-        batches = _file_batches(data_spec, batch_size) if data_factory is None else _call_data(data_factory, data_spec)
+        batches = (
+            _file_batches(data_spec, batch_size, max_batches)
+            if data_factory is None
+            else _call_data(data_factory, data_spec)
+        )
         update_batchnorm(model, batches, device=device, max_batches=max_batches)
     for name in _unfed_layers(model):
         warn(f"BatchNorm layer {name!r} received no batch during the recompute; its statistics are the reset ones")
@@ -308,23 +312,72 @@ def _call_data(source: Any, spec: str) -> Iterable[Any]:
     return source
 
 
-def _file_batches(path: str, batch_size: int) -> Iterator[torch.Tensor]:
+# A file of a few KB can hold a view (`expand`, stride 0) of 2^40 rows; what its batches
+# would make in memory beyond the bytes the file stores is bounded by this.
+MAX_VIEW_BYTES = 1 << 30
+
+
+def _file_batches(path: str, batch_size: int, max_batches: int | None) -> Iterator[torch.Tensor]:
+    """The batches of the file's tensor, each read (or cut as a view) only when it is used."""
+    if path.lower().endswith(".safetensors"):
+        return _safetensors_batches(path, batch_size)
     inputs = _load_inputs(path)
+    rows = _rows(inputs, path)
+    used = rows if max_batches is None else min(rows, max_batches * batch_size)
+    _check_view(inputs, used, path)
+    return (inputs.narrow(0, start, min(batch_size, rows - start)) for start in range(0, rows, batch_size))
+
+
+def _rows(inputs: torch.Tensor, path: str) -> int:
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise BatchNormError(f"--bn-data {path}: the input tensor has no rows (shape {list(inputs.shape)})")
-    return iter(torch.split(inputs, batch_size))
+    return int(inputs.shape[0])
+
+
+def _check_view(inputs: torch.Tensor, rows: int, path: str) -> None:
+    """Refuse a view whose used rows would make far more in memory than the file holds."""
+    made = rows * (inputs[0].numel() if rows else 0) * inputs.element_size()
+    stored = inputs.untyped_storage().nbytes()
+    if made > stored and made > MAX_VIEW_BYTES:
+        raise BatchNormError(
+            f"--bn-data {path}: the input tensor is a view of {stored} stored bytes that its batches"
+            f" would expand to {made} bytes (shape {list(inputs.shape)}, strides {list(inputs.stride())});"
+            " save the data itself (tensor.contiguous()) or lower --bn-batches"
+        )
+
+
+def _safetensors_batches(path: str, batch_size: int) -> Iterator[torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        handle: Any = safe_open(path, framework="pt", device="cpu")  # untyped
+        names = list(handle.keys())
+        if len(names) != 1:
+            raise BatchNormError(_not_one_tensor(path, f"keys {_some(names)}"))
+        rows_of = handle.get_slice(names[0])
+        shape = rows_of.get_shape()
+    except BatchNormError:
+        raise
+    except Exception as error:  # safetensors raises many types for a bad file
+        raise BatchNormError(f"--bn-data {path}: cannot be read as tensors: {_describe(error)}") from error
+    if not shape or shape[0] == 0:
+        raise BatchNormError(f"--bn-data {path}: the input tensor has no rows (shape {list(shape)})")
+    return (rows_of[start : start + batch_size] for start in range(0, shape[0], batch_size))
 
 
 def _load_inputs(path: str) -> torch.Tensor:
-    """One tensor from the file: the file is a tensor, or holds exactly one named tensor."""
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
+    """One tensor from a .pt file: the file is a tensor, or holds exactly one named tensor.
 
-            content: Any = load_file(path)
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load and safetensors raise many types for a bad file
+    Mapped, not read: only the rows of the batches used are paged in.
+    """
+    try:
+        try:
+            content: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            content = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (pre-zip) file
+    except Exception as error:  # torch.load raises many types for a bad file
         raise BatchNormError(f"--bn-data {path}: cannot be read as tensors: {_describe(error)}") from error
     if isinstance(content, torch.Tensor):
         return content
@@ -333,7 +386,11 @@ def _load_inputs(path: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     what = f"keys {_some([str(k) for k in content])}" if isinstance(content, Mapping) else type(content).__name__
-    raise BatchNormError(
+    raise BatchNormError(_not_one_tensor(path, what))
+
+
+def _not_one_tensor(path: str, what: str) -> str:
+    return (
         f"--bn-data {path}: expected one input tensor (or a file holding one named tensor), found {what};"
         " for inputs with targets or several tensors use --bn-data MODULE:CALLABLE"
     )

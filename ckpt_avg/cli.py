@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import signal
 import sys
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 import click
 
-from . import __version__
-from .api import Options, average_checkpoints, plan_checkpoints
-from .cli_options import StrictCommand
-from .errors import CkptAvgError, SelectionError
+from ._version import __version__
+from .api import average_checkpoints, plan_checkpoints
+from .cli_options import (
+    CONTEXT_SETTINGS,
+    StrictCommand,
+    allow_global_option,
+    by_option,
+    cli_errors,
+    debug_option,
+    end_option,
+    glob_option,
+    key_option,
+    last_option,
+    on_sigterm,
+    progress_bar,
+    recursive_option,
+    start_option,
+    strip_prefix_option,
+    trust_pickle_option,
+)
+from .dtypes import ACCUMULATOR_CHOICES, OUTPUT_CHOICES
+from .options import Options
 from .report import Report, plan_table, summary_line, terminal_safe
 from .select import SelectOptions
 
@@ -34,14 +48,6 @@ Examples:
 """
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised where the process is so that temp files are cleaned up."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted()
-
-
 def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -53,7 +59,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 
 @click.command(
     cls=StrictCommand,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings=CONTEXT_SETTINGS,
     epilog=EPILOG,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
@@ -67,14 +73,9 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (every candidate, selected or why not) and write nothing."
 )
-@click.option(
-    "--start",
-    type=float,
-    metavar="N",
-    help="Keep index >= N; a fraction 0<N<1 keeps the last part of the run. Example: --start 20 or --start 0.75",
-)
-@click.option("--end", type=int, metavar="N", help="Keep index <= N. Example: --end 48")
-@click.option("--last", type=int, metavar="K", help="Then keep only the K highest indices. Example: --last 5")
+@start_option
+@end_option
+@last_option
 @click.option("--best", type=int, metavar="K", help="Keep the K best by --metric. Example: --best 3 --metric val_loss")
 @click.option(
     "--metric",
@@ -86,22 +87,11 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     type=click.Choice(["min", "max"]),
     help="Whether lower (min) or higher (max) --metric is better; guessed for loss/acc names. Example: --mode max",
 )
-@click.option(
-    "--by",
-    type=click.Choice(["epoch", "step"]),
-    help="Index used to order and select. Default: epoch if unique, else step. Example: --by step",
-)
-@click.option(
-    "--glob", "name_glob", metavar="PATTERN", help="Keep only files whose name matches. Example: --glob 'epoch=*'"
-)
-@click.option("--recursive", is_flag=True, help="Descend into subdirectories of directory inputs.")
-@click.option("--key", metavar="PATH", help="Dotted path of the state dict to average. Example: --key state_dict_ema")
-@click.option(
-    "--strip-prefix",
-    multiple=True,
-    metavar="P",
-    help="Remove a key prefix (repeatable). Example: --strip-prefix module.",
-)
+@by_option
+@glob_option
+@recursive_option
+@key_option
+@strip_prefix_option
 @click.option(
     "--weights",
     callback=_parse_weights,
@@ -113,12 +103,12 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+    type=click.Choice(OUTPUT_CHOICES),
     help="Output dtype of floating tensors (default: each tensor's own). Example: --dtype bfloat16",
 )
 @click.option(
     "--accum-dtype",
-    type=click.Choice(["float64", "float32"]),
+    type=click.Choice(ACCUMULATOR_CHOICES),
     default="float64",
     show_default=True,
     help="Accumulator dtype (float32 is faster, not exact). Example: --accum-dtype float32",
@@ -137,17 +127,8 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     help="Non-counter integer tensors that differ: error, or copy from the last checkpoint. Example: --int-policy last",
 )
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN or Inf instead of stopping.")
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Fully unpickle the inputs. RUNS CODE FROM THE FILES: only for files you trust.",
-)
-@click.option(
-    "--allow-global",
-    multiple=True,
-    metavar="MODULE.NAME",
-    help="Load this class as itself instead of a placeholder (repeatable). Example: --allow-global my_pkg.Config",
-)
+@trust_pickle_option
+@allow_global_option
 @click.option(
     "--max-shard-size",
     metavar="SIZE",
@@ -174,10 +155,17 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option(
     "--bn-batches", type=int, metavar="N", help="Use at most N batches for the recompute. Example: --bn-batches 100"
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["hf", "dcp"]),
+    help="A directory OUTPUT's format: Hugging Face safetensors shards, or torch.distributed.checkpoint"
+    " (default: dcp when the inputs are DCP checkpoints, else hf). Example: -o avg/ --format hf",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or the plan, with --dry-run) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (warnings stay in the --json report).")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@debug_option
 @click.version_option(__version__, "--version", prog_name="ckpt-avg")
 def main(**params: Any) -> None:
     """Average the weights of saved training checkpoints (offline SWA), exactly and safely.
@@ -187,8 +175,8 @@ def main(**params: Any) -> None:
     dtype; integer counters are copied from the last checkpoint. No code in a checkpoint
     runs unless --trust-pickle is given.
     """
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    with _errors(debug=params["debug"]):
+    signal.signal(signal.SIGTERM, on_sigterm)
+    with cli_errors(debug=params["debug"]):
         _run(params)
 
 
@@ -219,6 +207,7 @@ def _options(params: dict[str, Any]) -> Options:
         allow_global=tuple(params["allow_global"]),
         force=params["force"],
         max_shard_size=params["max_shard_size"],
+        format=params["out_format"],
         hash_files=params["as_json"],
         bn_model=params["bn_model"],
         bn_data=params["bn_data"],
@@ -245,7 +234,7 @@ def _run(params: dict[str, Any]) -> None:
         raise click.UsageError("missing -o OUTPUT (or use --dry-run)")
     quiet = quiet or environment_rank() != 0  # under torchrun, rank 0 speaks for every rank
     group = from_environment()
-    with _progress(enabled=not quiet and sys.stderr.isatty()) as (progress, on_total):
+    with progress_bar(enabled=not quiet and sys.stderr.isatty(), desc="averaging") as (progress, on_total):
         report = average_checkpoints(
             params["inputs"], params["output"], options, progress=progress, on_total=on_total, process_group=group
         )
@@ -263,65 +252,6 @@ def _warn(report: Report, quiet: bool) -> None:
         click.echo(f"Warning: {terminal_safe(warning)}", err=True)
     if report.dropped:
         click.echo(f"Note: left out of the output: {terminal_safe(', '.join(report.dropped))}", err=True)
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    if not enabled:
-        yield (lambda _: None), (lambda _: None)
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="averaging", file=sys.stderr, leave=False)
-
-    def set_total(total: int) -> None:
-        bar.total = total
-        bar.refresh()
-
-    def advance(count: int) -> None:
-        bar.update(count)
-
-    try:
-        yield advance, set_total
-    finally:
-        bar.close()
-
-
-@contextmanager
-def _errors(*, debug: bool) -> Iterator[None]:
-    """The one place where library errors become a message and an exit status."""
-    try:
-        yield
-    except CkptAvgError as error:
-        if debug:
-            traceback.print_exc()
-        if not getattr(error, "reported_elsewhere", False):  # another torchrun rank prints it
-            click.echo(f"Error: {terminal_safe(error)}", err=True)
-        if hasattr(error, "settle"):
-            error.settle()
-        if isinstance(error, SelectionError) and error.plan_table:
-            click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted; no output was written", err=True)
-        sys.exit(130)
-    except Interrupted:
-        click.echo("Error: interrupted by SIGTERM; no output was written", err=True)
-        sys.exit(143)
-    except click.exceptions.ClickException:
-        raise
-    except OSError as error:
-        if debug:
-            traceback.print_exc()
-        where = f"{error.filename}: " if error.filename else ""
-        click.echo(f"Error: {terminal_safe(f'{where}{error.strerror or error}')}", err=True)
-        sys.exit(1)
-    except Exception as error:  # noqa: BLE001 - a bug: one line, and --debug shows where
-        if debug:
-            traceback.print_exc()
-        message = terminal_safe(f"{type(error).__name__}: {error}")
-        click.echo(f"Error: internal error: {message} (run with --debug for details)", err=True)
-        sys.exit(1)
 
 
 def entry() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from blake3 import blake3
 
+from .dtypes import full_name
 from .lazy import (
     SpilledTensor,
     TensorLeaf,
@@ -44,8 +45,7 @@ ZERO_DIGEST = "0" * 64  # a placeholder of the final length, while the data is s
 HASH_THREADS = 1
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+dtype_name = full_name
 
 
 def tensor_hasher() -> blake3:

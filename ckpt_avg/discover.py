@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globbing
-import json
 import os
 import stat as stat_module
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .errors import DiscoveryError, UsageError
+from .jsonfile import read_json
 from .naming import NameInfo, checkpoint_suffix, natural_key, parse_name
 
 HF_WEIGHT_FILES = (
@@ -24,6 +24,8 @@ HF_WEIGHT_FILES = (
 )
 TEMP_PREFIX = ".ckpt-avg-tmp-"
 _GLOB_CHARS = set("*?[")
+# --recursive searches this many directory levels below an INPUT; deeper ones get a note.
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class CheckpointRef:
 
     @property
     def format(self) -> str:
+        if self.files[0].endswith(".metadata"):
+            return "dcp"
         return "safetensors" if self.files[0].endswith(".safetensors") else "pytorch"
 
 
@@ -70,8 +74,7 @@ def hf_weight_files(directory: str) -> tuple[str, ...] | None:
 
 def _index_shards(index_path: str) -> list[str]:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index_path)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DiscoveryError(f"{index_path}: unreadable shard index: {exc}") from None
@@ -94,12 +97,9 @@ def refuse_conversion_layouts(directory: str) -> None:
             f"{directory}: DeepSpeed ZeRO checkpoint (zero_pp_rank_* shards); convert it first: "
             f"python zero_to_fp32.py {directory} {directory.rstrip('/')}_fp32.pt"
         )
-    if any(n.endswith(".distcp") for n in names):
-        raise DiscoveryError(
-            f"{directory}: torch.distributed.checkpoint directory (.distcp); convert it first: "
-            f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {directory} "
-            f"{directory.rstrip('/')}.pt"
-        )
+    from .dcp import refuse_incomplete
+
+    refuse_incomplete(directory, names)
     ranks = [n for n in names if n.startswith("mp_rank_")]
     if len(ranks) > 1 or any(os.path.isdir(os.path.join(directory, n)) for n in ranks):
         raise DiscoveryError(
@@ -151,29 +151,50 @@ class _Found:
         self._by_identity: dict[tuple[int, int], int] = {}
 
     def add_directory(self, directory: str, *, explicit: bool, recursive: bool, top: bool) -> None:
-        refuse_conversion_layouts(directory)
-        files = hf_weight_files(directory)
-        if files is not None:
-            self._add(directory, files, is_directory=True, explicit=explicit)
-            return
-        if not top and not recursive:
-            return
-        try:
-            entries = sorted(os.listdir(directory), key=natural_key)
-        except OSError as exc:
-            raise DiscoveryError(f"{directory}: cannot list directory: {exc.strerror}") from None
-        for entry in entries:
-            if entry.startswith("."):
+        """Depth first in name order, with a stack of listings: a tree thousands of levels
+        deep neither overflows Python's stack nor is searched past MAX_DEPTH levels."""
+        first = self._listing(directory, explicit=explicit, recursive=recursive, top=top)
+        stack = [first] if first is not None else []
+        while stack:
+            path = next(stack[-1], None)
+            if path is None:
+                stack.pop()
                 continue
-            path = os.path.join(directory, entry)
+            entry = os.path.basename(path)
             if os.path.isdir(path):
                 if os.path.islink(path) and recursive:
                     continue  # A linked directory could loop back on itself.
-                self.add_directory(path, explicit=False, recursive=recursive, top=False)
+                if len(stack) > MAX_DEPTH:
+                    self.skipped.append(Skipped(path, f"more than {MAX_DEPTH} directory levels deep; not searched"))
+                    continue
+                listing = self._listing(path, explicit=False, recursive=recursive, top=False)
+                if listing is not None:
+                    stack.append(listing)
             elif checkpoint_suffix(entry) or os.path.islink(path):
                 self.add_file(path, explicit=False)
             elif entry.lower().endswith(".nemo"):
                 self.skipped.append(Skipped(path, nemo_hint(path), _size(path)))
+
+    def _listing(self, directory: str, *, explicit: bool, recursive: bool, top: bool) -> Iterator[str] | None:
+        """The paths to look at in a directory, or None where it is one checkpoint or not searched."""
+        from .dcp import dcp_files
+
+        dcp = dcp_files(directory)
+        if dcp is not None:  # torch.distributed.checkpoint: one checkpoint
+            self._add(directory, dcp, is_directory=True, explicit=explicit)
+            return None
+        refuse_conversion_layouts(directory)
+        files = hf_weight_files(directory)
+        if files is not None:
+            self._add(directory, files, is_directory=True, explicit=explicit)
+            return None
+        if not top and not recursive:
+            return None
+        try:
+            entries = sorted(os.listdir(directory), key=natural_key)
+        except OSError as exc:
+            raise DiscoveryError(f"{directory}: cannot list directory: {exc.strerror}") from None
+        return iter([os.path.join(directory, e) for e in entries if not e.startswith(".")])
 
     def add_file(self, path: str, *, explicit: bool) -> None:
         name = os.path.basename(path)

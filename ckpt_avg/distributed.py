@@ -52,14 +52,13 @@ from .write import (
 )
 from .writers import (
     DirectoryPlan,
-    Runner,
-    Written,
     finalize_directory,
     make_staging,
     ordered_visits,
     plan_directory,
     write_files,
 )
+from .written import Runner, Written
 
 # TEST ONLY: "R" or "R:raise" makes rank R raise after writing its files, "R:exit" makes it
 # die there with os._exit (as a killed process would). Never set it outside the test suite.
@@ -268,13 +267,19 @@ class _Prepared:
 def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks) -> _Prepared:
     """Validate, select, open and plan from metadata: the same on every rank."""
     _batchnorm_refused(options, "under torchrun")
-    kind = _validate(options, output)
-    if kind is not OutputKind.HF_DIRECTORY:
+    named = _validate(options, output)
+    if named not in (OutputKind.HF_DIRECTORY, OutputKind.DCP_DIRECTORY):
         raise UsageError(
             f"OUTPUT {output!r} is a single file, which one process writes; under {ranks.world} ranks write a"
             f" directory of shards: -o DIR/ --max-shard-size SIZE, SIZE at most the model's size / {ranks.world}"
         )
     run = _Run(inputs, options)
+    kind = run.output_kind(named)
+    if kind is OutputKind.DCP_DIRECTORY:
+        raise UsageError(
+            f"OUTPUT {output!r} would be a DCP checkpoint, which one process writes; under {ranks.world} ranks"
+            " write Hugging Face shards (--format hf --max-shard-size 5GB), or run without torchrun"
+        )
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(kind)

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+# The keyword arguments (fields of `Options` and `SelectOptions`) that a CLI flag of the same
+# name sets; test_errors keeps this in step with the dataclasses.
+API_NAMES = frozenset({
+    "recursive", "glob", "key", "strip_prefix", "weights", "ema", "dtype", "accum_dtype", "device",
+    "int_policy", "allow_nonfinite", "trust_pickle", "allow_global", "force", "max_shard_size",
+    "bn_model", "bn_data", "bn_batch_size", "bn_batches",
+    "by", "start", "end", "last", "best", "metric", "mode",
+})  # fmt: skip
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
 
 class CkptAvgError(Exception):
     """Base of every error the tool reports to a user (exit status 1)."""
@@ -10,9 +22,25 @@ class CkptAvgError(Exception):
 
 
 class UsageError(CkptAvgError):
-    """A bad option value or a missing input path (exit status 2, as Click does)."""
+    """A bad option value or a missing input path (exit status 2, as Click does).
+
+    The message names CLI flags (`--start`); `str()` adds the keyword arguments they are in
+    the Python API, so a caller of `average_checkpoints(..., start=5, end=3)` can map it:
+    "--start 5 is after --end 3 (Python API: start=, end=)". The CLI prints `cli_message`.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.cli_message = message
+
+    def __str__(self) -> str:
+        flags = dict.fromkeys(flag.replace("-", "_") for flag in _FLAG.findall(self.cli_message))
+        names = [name for name in flags if name in API_NAMES]
+        if not names:
+            return self.cli_message
+        return f"{self.cli_message} (Python API: {', '.join(name + '=' for name in names)})"
 
 
 class DiscoveryError(CkptAvgError):

@@ -9,7 +9,6 @@ among the inputs is recognised and left out instead of being averaged again.
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 import stat
@@ -17,10 +16,36 @@ import zipfile
 from collections.abc import Iterable
 
 from .errors import CheckpointError, OutputError, UsageError
+from .jsonfile import read_json
 from .naming import PYTORCH_SUFFIXES
 from .safetensors_file import read_header
 
-PROVENANCE_RECORD = "ckpt_avg.json"  # a record in every .pt output archive
+# Megatron's torch_dist files beside a DCP checkpoint: copied into a DCP output.
+DCP_SIDE_FILES = ("common.pt", "metadata.json")
+
+# Files a Trainer directory holds beside its weights that from_pretrained needs; copied into a directory output.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "feature_extractor_config.json",
+)
+
+PROVENANCE_RECORD = "ckpt_avg.json"  # a record in every .pt output archive, a file in a DCP output
 OUTPUT_SUFFIXES = (*PYTORCH_SUFFIXES, ".safetensors")
 
 
@@ -34,16 +59,22 @@ class OutputKind(enum.Enum):
     PYTORCH = "pt"  # .pt .pth .pth.tar .ckpt .bin: the last checkpoint's structure, averaged in place
     SAFETENSORS = "safetensors"  # one flat file
     HF_DIRECTORY = "hf"  # DIR/: model.safetensors, or shards and their index
+    DCP_DIRECTORY = "dcp"  # DIR/: torch.distributed.checkpoint (.metadata, __R_0.distcp, ckpt_avg.json)
 
     @property
     def keeps_structure(self) -> bool:
         return self is OutputKind.PYTORCH
 
 
-def output_kind(output: str) -> OutputKind:
-    """The kind of OUTPUT, from its name (or an existing directory); a usage error if none."""
+def output_kind(output: str, out_format: str | None = None) -> OutputKind:
+    """The kind of OUTPUT, from its name (or an existing directory) and --format; a usage error if none.
+
+    A directory without --format is HF_DIRECTORY until the inputs are known (`directory_kind`).
+    """
     if is_directory_output(output):
-        return OutputKind.HF_DIRECTORY
+        return OutputKind.DCP_DIRECTORY if out_format == "dcp" else OutputKind.HF_DIRECTORY
+    if out_format is not None:
+        raise UsageError(f"--format {out_format} writes a directory; end OUTPUT {output!r} with /")
     if output.lower().endswith(".safetensors"):
         return OutputKind.SAFETENSORS
     if output.lower().endswith(PYTORCH_SUFFIXES):
@@ -54,9 +85,17 @@ def output_kind(output: str) -> OutputKind:
     )
 
 
-def validate_output_name(output: str, *, max_shard_size: str | None) -> OutputKind:
-    """Usage errors in OUTPUT and --max-shard-size, before anything is read; the output's kind."""
-    from .write import parse_size
+def directory_kind(kind: OutputKind, out_format: str | None, inputs_dcp: bool) -> OutputKind:
+    """The kind once the selected inputs are known: a directory OUTPUT without --format is a DCP
+    checkpoint when every input is one (what their users load), else Hugging Face shards."""
+    if kind is OutputKind.HF_DIRECTORY and out_format is None and inputs_dcp:
+        return OutputKind.DCP_DIRECTORY
+    return kind
+
+
+def validate_output_name(output: str, *, max_shard_size: str | None, out_format: str | None = None) -> OutputKind:
+    """Usage errors in OUTPUT, --max-shard-size and --format, before anything is read; the output's kind."""
+    from .options import parse_size
 
     directory = is_directory_output(output)
     if max_shard_size is not None:
@@ -66,7 +105,7 @@ def validate_output_name(output: str, *, max_shard_size: str | None) -> OutputKi
             raise UsageError(f"--max-shard-size: {exc}") from None
         if not directory:
             raise UsageError("--max-shard-size needs a directory OUTPUT (end it with /)")
-    kind = output_kind(output)
+    kind = output_kind(output, out_format)
     parent = os.path.dirname(output.rstrip("/")) or "."
     if not os.path.isdir(parent):
         blocking = _first_non_directory(parent)
@@ -136,20 +175,23 @@ def replace_refusal(path: str) -> str:
 
 
 _SHARD = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors", re.ASCII)
+_DISTCP = re.compile(r"__[0-9]+_[0-9]+\.distcp", re.ASCII)
 
 
-def written_names() -> frozenset[str]:
-    """The fixed names ckpt-avg writes into a directory OUTPUT (shards have numbered names)."""
-    from .writers import HF_SIDE_FILES
-
+def written_names(kind: OutputKind = OutputKind.HF_DIRECTORY) -> frozenset[str]:
+    """The fixed names ckpt-avg writes into a directory OUTPUT of `kind` (data files have numbered names)."""
+    if kind is OutputKind.DCP_DIRECTORY:
+        return frozenset({".metadata", PROVENANCE_RECORD, *DCP_SIDE_FILES})
     return frozenset({"model.safetensors", "model.safetensors.index.json", *HF_SIDE_FILES})
 
 
 def _foreign_entry(path: str) -> str | None:
     """The first entry of directory `path` that is not a regular file ckpt-avg writes, or None."""
-    names = written_names()
+    kind = OutputKind.DCP_DIRECTORY if is_dcp_output(path) else OutputKind.HF_DIRECTORY
+    names = written_names(kind)
+    numbered = _DISTCP if kind is OutputKind.DCP_DIRECTORY else _SHARD
     for name in sorted(os.listdir(path)):
-        if name not in names and not _SHARD.fullmatch(name):
+        if name not in names and not numbered.fullmatch(name):
             return name
         if not stat.S_ISREG(os.lstat(os.path.join(path, name)).st_mode):
             return name
@@ -178,11 +220,23 @@ def is_ckpt_avg_output(path: str) -> bool:
     return False
 
 
+def is_dcp_output(path: str) -> bool:
+    """A DCP directory ckpt-avg wrote: its provenance (ckpt_avg.json) lies beside `.metadata`."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return False
+    try:
+        record = read_json(os.path.join(path, PROVENANCE_RECORD))
+    except (OSError, ValueError, CheckpointError):
+        return False
+    return isinstance(record, dict) and record.get("tool") == "ckpt-avg"
+
+
 def _is_our_directory(path: str) -> bool:
+    if is_dcp_output(path):
+        return True
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            metadata = json.load(f).get("metadata")
+        metadata = read_json(index).get("metadata")
         return isinstance(metadata, dict) and "ckpt_avg" in metadata
     single = os.path.join(path, "model.safetensors")
     return os.path.isfile(single) and "ckpt_avg" in read_header(single).metadata

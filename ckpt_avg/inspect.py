@@ -40,12 +40,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
-from .api import Options, _Run, _validate, parameter_count
+from ._version import __version__
+from .api import _Run, _validate, parameter_count
 from .average import Unit
+from .dtypes import short_name
 from .errors import CkptAvgError
 from .guard import OutputKind
-from .lazy import LazyTensor, SpilledTensor, TensorLeaf, close_spilled, itemsize, leaf_numel, read_leaf_range
+from .lazy import (
+    LazyTensor,
+    SpilledTensor,
+    TensorLeaf,
+    as_leaf,
+    close_spilled,
+    is_tensor_leaf,
+    itemsize,
+    leaf_numel,
+    read_leaf_range,
+)
+from .options import Options
 from .report import human_size, terminal_safe
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start
@@ -63,11 +75,6 @@ CHUNK_ELEMENTS = 1 << 21
 SHOWN_METRICS = 3  # metric columns in the table; --json carries them all
 PLOT_HINT = "pip install 'ckpt-avg[plot]'"
 _NOT_METRICS = frozenset({"epoch", "step", "global_step", "total_flos"})
-_SHORT_DTYPES = {
-    torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "bool",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -433,11 +440,15 @@ class _ChunkReader:
             base = leaf.detach().as_strided((_span(leaf.shape, leaf.stride()),), (1,), leaf.storage_offset())
             index = _storage_indices(leaf.shape, leaf.stride(), start, count)
             return base[:1].expand(count) if index is None else base[index]
+        if not isinstance(leaf, LazyTensor):  # another Leaf (a DCP tensor assembled from its chunks)
+            if as_leaf(leaf).random_access:
+                return read_leaf_range(leaf, start, count)
+            return self._spill(leaf).read_into(start, count, _bytes_for(leaf, count))
         if leaf.is_contiguous():
             return leaf.read_range(start, count)
         spill = self._spilled.get(id(leaf))
         if spill is not None:
-            return spill.read_into(start, count, torch.empty(count * itemsize(leaf.dtype), dtype=torch.uint8))
+            return spill.read_into(start, count, _bytes_for(leaf, count))
         index = _storage_indices(leaf.shape, leaf.stride, start, count)
         if index is None:  # every element is the view's first: one element, broadcast
             return leaf.read_range(0, 1).expand(count)
@@ -447,8 +458,18 @@ class _ChunkReader:
         if overlapping or window <= max(4 * count, 1 << 20):
             part = LazyTensor(leaf.storage, leaf.dtype, (window,), (1,), leaf.storage_offset + low)
             return part.read_range(0, window)[index.sub_(low)]
-        self._spilled[id(leaf)] = SpilledTensor(leaf)  # as large as the storage: real bytes of the file
+        self._spill(leaf)  # as large as the storage: real bytes of the file
         return self.read(leaf, start, count)
+
+    def _spill(self, leaf: TensorLeaf) -> SpilledTensor:
+        spill = self._spilled.get(id(leaf))
+        if spill is None:
+            spill = self._spilled[id(leaf)] = SpilledTensor(leaf)
+        return spill
+
+
+def _bytes_for(leaf: TensorLeaf, count: int) -> torch.Tensor:
+    return torch.empty(count * itemsize(leaf.dtype), dtype=torch.uint8)
 
 
 def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
@@ -613,14 +634,14 @@ def _lightning_score(opened: OpenedCheckpoint) -> dict[str, float]:
         if not (isinstance(name, str) and name.startswith("ModelCheckpoint") and isinstance(state, dict)):
             continue
         monitor, score = state.get("monitor"), state.get("current_score")
-        if isinstance(monitor, str) and isinstance(score, LazyTensor | torch.Tensor) and leaf_numel(score) == 1:
+        if isinstance(monitor, str) and is_tensor_leaf(score) and leaf_numel(score) == 1:
             value = float(read_leaf_range(score, 0, 1).to(torch.float64)[0])
             scores.setdefault(monitor, value)
     return scores
 
 
 def _short(dtype: torch.dtype) -> str:
-    return _SHORT_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+    return short_name(dtype)
 
 
 def _finite(value: Any) -> Any:

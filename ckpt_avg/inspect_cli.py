@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from .api import Options
-from .cli import _errors
-from .cli import main as _average_command
-from .cli_options import StrictCommand
+from .cli_options import (
+    CONTEXT_SETTINGS,
+    StrictCommand,
+    allow_global_option,
+    by_option,
+    cli_errors,
+    debug_option,
+    end_option,
+    glob_option,
+    key_option,
+    last_option,
+    progress_bar,
+    recursive_option,
+    start_option,
+    strip_prefix_option,
+    trust_pickle_option,
+)
 from .errors import UsageError
 from .inspect import DEFAULT_BAND, inspect_checkpoints, inspection_table, plot_inspection, require_matplotlib
+from .options import Options
 from .report import terminal_safe
 from .select import SelectOptions
 
@@ -27,19 +38,24 @@ Examples:
   ckpt-avg inspect --json --glob 'epoch=*' runs/wmt/ | jq .suggestion.start
 """
 
-# Discovery and selection mean the same here as in the main command: share its definitions.
-SHARED_OPTIONS = (
-    "recursive", "name_glob", "by", "start", "end", "last", "key", "strip_prefix",
-    "trust_pickle", "allow_global",
-)  # fmt: skip
-
 
 @click.command(
     cls=StrictCommand,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings=CONTEXT_SETTINGS,
     epilog=EPILOG,
 )
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+# Discovery and selection mean the same here as in the main command: the same options.
+@recursive_option
+@glob_option
+@by_option
+@start_option
+@end_option
+@last_option
+@key_option
+@strip_prefix_option
+@trust_pickle_option
+@allow_global_option
 @click.option(
     "--band",
     type=click.FloatRange(min=1, min_open=True),
@@ -55,7 +71,7 @@ SHARED_OPTIONS = (
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on stderr but errors.")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@debug_option
 def inspect_command(**params: Any) -> None:
     """Show every checkpoint of a run, how far its weights moved, and where to start averaging.
 
@@ -77,13 +93,8 @@ def inspect_command(**params: Any) -> None:
       step is as long as the weights. 4 checkpoints at least.
     Where the two rules disagree, both are shown.
     """
-    with _errors(debug=params["debug"]):
+    with cli_errors(debug=params["debug"]):
         _run(params)
-
-
-inspect_command.params[1:1] = [
-    copy.copy(next(p for p in _average_command.params if p.name == name)) for name in SHARED_OPTIONS
-]
 
 
 def _options(params: dict[str, Any]) -> Options:
@@ -104,7 +115,7 @@ def _run(params: dict[str, Any]) -> None:
             raise UsageError(f"--plot {plot!r}: directory {parent!r} does not exist")
     if params["trust_pickle"] and not quiet:
         click.echo("Warning: --trust-pickle runs any code the checkpoints contain", err=True)
-    with _progress(enabled=not quiet and sys.stderr.isatty()) as (progress, on_total):
+    with progress_bar(enabled=not quiet and sys.stderr.isatty(), desc="reading") as (progress, on_total):
         result = inspect_checkpoints(
             params["inputs"], _options(params), band=params["band"], progress=progress, on_total=on_total
         )
@@ -116,25 +127,3 @@ def _run(params: dict[str, Any]) -> None:
         plot_inspection(result, plot)
         if not quiet:
             click.echo(f"Plot written to {terminal_safe(plot)}", err=True)
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    if not enabled:
-        yield (lambda _: None), (lambda _: None)
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="reading", file=sys.stderr, leave=False)
-
-    def advance(nbytes: int) -> None:
-        bar.update(nbytes)
-
-    def set_total(total: int) -> None:
-        bar.total = total
-        bar.refresh()
-
-    try:
-        yield advance, set_total
-    finally:
-        bar.close()

@@ -14,7 +14,7 @@ import torch
 
 from .average import Unit, Visit, classify
 from .errors import CheckpointError, MismatchError
-from .lazy import TensorLeaf, leaf_numel, leaf_shape, leaf_tie_key
+from .lazy import TensorLeaf, leaf_nbytes, leaf_shape, leaf_tie_key
 from .sources import OpenedCheckpoint
 from .statedict import StateDictChoice, dotted, get_path, is_extra_entry
 from .torchfile import UnsupportedTensor
@@ -194,10 +194,7 @@ def _warn_mixed_dtypes(
 
 
 def _input_bytes(unit: Unit) -> int:
-    return sum(
-        leaf_numel(leaf) * leaf.element_size() if isinstance(leaf, torch.Tensor) else leaf.nbytes
-        for leaf in unit.leaves
-    )
+    return sum(leaf_nbytes(leaf) for leaf in unit.leaves)
 
 
 def _check_zero3(units: dict[str, Unit], file: str) -> None:

@@ -16,7 +16,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol, TypeGuard
 
 import torch
 
@@ -232,12 +232,124 @@ class LazyTensor:
         flat = LazyTensor(self.storage, self.dtype, (span,), (1,), self.storage_offset).read_range(0, span)
         return flat.as_strided(self.shape, self.stride).contiguous()
 
+    @property
+    def random_access(self) -> bool:
+        return self.is_contiguous()
 
-TensorLeaf = LazyTensor | torch.Tensor
+    def read_into(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        if self.is_contiguous():
+            return self.read_range(start, count, out)
+        return _copy_flat(self.load(), start, count, out)
+
+    def prefetch(self, start: int, count: int) -> None:
+        if self.is_contiguous():
+            size = itemsize(self.dtype)
+            self.storage.reader.prefetch(self.storage.offset + (self.storage_offset + start) * size, count * size)
 
 
-def is_tensor_leaf(value: object) -> bool:
-    return isinstance(value, LazyTensor | torch.Tensor)
+class Leaf(Protocol):
+    """Anything that holds a tensor's bytes: the engine, layout and writers see only this.
+
+    A lazy tensor at a file offset, an in-memory tensor (through `MemoryLeaf`), a DCP
+    tensor assembled from chunks: a new kind implements these members and nothing else in
+    the engine changes.
+    """
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def random_access(self) -> bool:
+        """False where any range costs reading the whole tensor (a strided view): spill it once."""
+        ...
+
+    def tie_key(self) -> tuple[object, ...]:
+        """Equal for two names that share one storage and one view of it."""
+        ...
+
+    def read_into(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start+count) in row-major order into `out` (uint8, large enough);
+        returns a flat view of `out` in the leaf's dtype."""
+        ...
+
+    def prefetch(self, start: int, count: int) -> None:
+        """Ask for elements [start, start+count) to be read in the background (a hint)."""
+        ...
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor in memory, with its own shape."""
+        ...
+
+
+def _copy_flat(tensor: torch.Tensor, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+    typed = out[: count * itemsize(tensor.dtype)].view(tensor.dtype)
+    typed.copy_(tensor.reshape(-1)[start : start + count])
+    return typed
+
+
+class MemoryLeaf:
+    """An in-memory tensor seen as a `Leaf` (legacy files and tests hold real tensors)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    @property
+    def random_access(self) -> bool:
+        return self.tensor.is_contiguous()
+
+    def tie_key(self) -> tuple[object, ...]:
+        t = self.tensor
+        return ("mem", t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+
+    def read_into(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        return _copy_flat(self.tensor, start, count, out)
+
+    def prefetch(self, start: int, count: int) -> None:
+        pass
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+TensorLeaf = Leaf | torch.Tensor
+
+_LEAF_METHODS = ("read_into", "prefetch", "tie_key", "load")
+_leaf_types: dict[type, bool] = {}
+
+
+def is_tensor_leaf(value: object) -> TypeGuard[TensorLeaf]:
+    """A tensor or a `Leaf`. Checked on the class: an allowlisted config object answers any
+    attribute on its instances (omegaconf), and must not pass for a tensor."""
+    kind = type(value)
+    known = _leaf_types.get(kind)
+    if known is None:
+        known = issubclass(kind, torch.Tensor) or all(callable(getattr(kind, m, None)) for m in _LEAF_METHODS)
+        _leaf_types[kind] = known
+    return known
+
+
+def as_leaf(value: TensorLeaf) -> Leaf:
+    return MemoryLeaf(value) if isinstance(value, torch.Tensor) else value
 
 
 def leaf_shape(value: TensorLeaf) -> tuple[int, ...]:
@@ -245,30 +357,27 @@ def leaf_shape(value: TensorLeaf) -> tuple[int, ...]:
 
 
 def leaf_numel(value: TensorLeaf) -> int:
-    return value.numel if isinstance(value, LazyTensor) else value.numel()
+    return as_leaf(value).numel
+
+
+def leaf_nbytes(value: TensorLeaf) -> int:
+    return leaf_numel(value) * itemsize(value.dtype)
 
 
 def leaf_tie_key(value: TensorLeaf) -> tuple[object, ...]:
-    if isinstance(value, LazyTensor):
-        return value.tie_key()
-    storage = value.untyped_storage()
-    return ("mem", storage.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+    return as_leaf(value).tie_key()
 
 
 def read_leaf_range(value: TensorLeaf, start: int, count: int) -> torch.Tensor:
     """Elements [start, start+count) of a tensor in row-major order, as a flat CPU tensor."""
-    if isinstance(value, LazyTensor):
-        if value.is_contiguous():
-            return value.read_range(start, count)
-        return value.load().reshape(-1)[start : start + count]
-    return value.detach().reshape(-1)[start : start + count]
+    return as_leaf(value).read_into(start, count, torch.empty(count * itemsize(value.dtype), dtype=torch.uint8))
 
 
 def prefetch_leaf_range(value: TensorLeaf, start: int, count: int) -> None:
-    """Start reading elements [start, start+count) of a contiguous lazy tensor in the background."""
-    if isinstance(value, LazyTensor) and value.is_contiguous():
-        size = itemsize(value.dtype)
-        value.storage.reader.prefetch(value.storage.offset + (value.storage_offset + start) * size, count * size)
+    """Start reading elements [start, start+count) of a leaf in the background."""
+    leaf = as_leaf(value)
+    if leaf.random_access:
+        leaf.prefetch(start, count)
 
 
 class SpilledTensor:
@@ -315,17 +424,15 @@ def fill_leaf_range(
 ) -> torch.Tensor:
     """Elements [start, start+count) in row-major order, read into `buffer` (uint8, large enough).
 
-    Returns a flat view of `buffer` in the leaf's dtype. A contiguous lazy tensor is read with
-    one `pread` straight into the buffer; a strided one is spilled to a temporary file once
-    (kept in `spilled` while its chunks are taken) and read back from there.
+    Returns a flat view of `buffer` in the leaf's dtype. A leaf with random access reads the
+    range itself (a contiguous lazy tensor: one `pread` straight into the buffer); any other
+    is spilled to a temporary file once (kept in `spilled` while its chunks are taken) and
+    read back from there.
     """
     out = buffer[: count * itemsize(value.dtype)]
-    if isinstance(value, LazyTensor) and value.is_contiguous():
-        return value.read_range(start, count, out)
-    if isinstance(value, torch.Tensor) and value.is_contiguous():
-        typed = out.view(value.dtype)
-        typed.copy_(value.detach().reshape(-1)[start : start + count])
-        return typed
+    leaf = as_leaf(value)
+    if leaf.random_access:
+        return leaf.read_into(start, count, out)
     spill = spilled.get(id(value)) if spilled is not None else None
     if spill is None:
         spill = SpilledTensor(value)
@@ -345,4 +452,4 @@ def close_spilled(spilled: dict[int, SpilledTensor]) -> None:
 
 
 def load_leaf(value: TensorLeaf) -> torch.Tensor:
-    return value.load() if isinstance(value, LazyTensor) else value.detach()
+    return as_leaf(value).load()

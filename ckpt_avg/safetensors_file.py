@@ -15,30 +15,14 @@ from typing import Any
 
 import torch
 
+from .dtypes import BY_SAFETENSORS, SAFETENSORS_NAME
 from .errors import CheckpointError
 from .lazy import FileReader, LazyTensor, StorageRef, itemsize
 
 MAX_HEADER_BYTES = 100_000_000
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
-}
-NAME_OF_DTYPE = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+DTYPE_NAMES = BY_SAFETENSORS  # the header's dtype names
+NAME_OF_DTYPE = SAFETENSORS_NAME
 # The order the safetensors library lays tensors out in: larger alignment first.
 _DTYPE_RANK = {
     "BOOL": 0,

@@ -18,7 +18,6 @@ hold the rate the NEXT epoch trains with: the rate training continues at from th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -27,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .lazy import LazyTensor, leaf_numel, read_leaf_range
+from .jsonfile import read_json
+from .lazy import is_tensor_leaf, leaf_numel, read_leaf_range
 from .sources import OpenedCheckpoint
 
 REL_TOL = 1e-6  # rates closer than this are one rate (schedules recompute them in float arithmetic)
@@ -100,8 +100,7 @@ def read_rate(opened: OpenedCheckpoint) -> Rate | None:
 def trainer_state_rate(path: str) -> Rate | None:
     """The last `learning_rate` a Hugging Face Trainer logged before saving (`trainer_state.json`)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(path)
     except (OSError, ValueError):
         return None
     history = state.get("log_history") if isinstance(state, dict) else None
@@ -136,7 +135,7 @@ def _number(value: Any) -> float | None:
         return None
     if isinstance(value, int | float):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, LazyTensor | torch.Tensor) and leaf_numel(value) == 1 and value.dtype.is_floating_point:
+    if is_tensor_leaf(value) and leaf_numel(value) == 1 and value.dtype.is_floating_point:
         number = float(read_leaf_range(value, 0, 1).to(torch.float64)[0])  # a tensor lr (fused/capturable Adam)
         return number if math.isfinite(number) else None
     return None

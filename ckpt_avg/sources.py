@@ -6,15 +6,16 @@ safetensors file, or a Hugging Face-style directory of one or more weight shards
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dcp import refuse_hf_distributed
 from .discover import CheckpointRef
 from .errors import CheckpointError
+from .jsonfile import read_json
 from .modules import module_classes, replace_modules
 from .safetensors_file import read_header
 from .torchfile import is_zip, load_legacy, load_zip
@@ -30,6 +31,7 @@ class OpenedCheckpoint:
     legacy: bool = False
     placeholders: set[str] = field(default_factory=set)
     safetensors_metadata: dict[str, str] = field(default_factory=dict)
+    dcp: Any = None  # a DCP directory's `dcp.DcpCheckpoint`: where each name is stored
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class ContentMeta:
 
 
 def open_checkpoint(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoint:
+    if ref.format == "dcp":
+        from .dcp import open_dcp
+
+        found = open_dcp(ref.files[0], policy)
+        return OpenedCheckpoint(ref, found.tree, placeholders=found.placeholders, dcp=found.info)
     if ref.is_directory:
         return _open_directory(ref, policy)
     return _open_file(ref, ref.files[0], policy)
@@ -70,6 +77,7 @@ def _open_file(ref: CheckpointRef, path: str, policy: PicklePolicy) -> OpenedChe
         raise CheckpointError(f"{path}: empty file (0 bytes)")
     if path.endswith(".safetensors"):
         header = read_header(path)
+        refuse_hf_distributed(path, header.metadata)
         return OpenedCheckpoint(ref, OrderedDict(header.tensors), safetensors_metadata=header.metadata)
     try:
         zipped = is_zip(path)
@@ -104,7 +112,7 @@ def _open_directory(ref: CheckpointRef, policy: PicklePolicy) -> OpenedCheckpoin
 
 def content_meta(opened: OpenedCheckpoint) -> ContentMeta:
     """Epoch, step and metrics from a checkpoint's contents, the way each library stores them."""
-    if opened.ref.is_directory:
+    if opened.ref.is_directory and opened.dcp is None:
         return _trainer_state(os.path.dirname(opened.ref.files[0]))
     tree = opened.tree
     if opened.safetensors_metadata:
@@ -178,8 +186,7 @@ def _metrics(tree: dict[Any, Any]) -> dict[str, float]:
 def _trainer_state(directory: str) -> ContentMeta:
     path = os.path.join(directory, "trainer_state.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(path)
     except (OSError, ValueError):
         return ContentMeta()
     if not isinstance(state, dict):

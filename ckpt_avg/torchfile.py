@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import torch
 
+from .dtypes import BY_STORAGE
 from .errors import CheckpointError, UnsafePickleError
 from .lazy import FileReader, LazyTensor, StorageRef, itemsize
 from .unpickle import (
@@ -35,25 +36,8 @@ from .unpickle import (
     describe_object as _describe,
 )
 
-_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
-    "UntypedStorage": torch.uint8,
-    "QInt8Storage": torch.qint8,
-    "QUInt8Storage": torch.quint8,
-    "QInt32Storage": torch.qint32,
-}
+LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_STORAGE_DTYPES = BY_STORAGE
 
 
 class UnsupportedTensor:
@@ -66,7 +50,7 @@ class UnsupportedTensor:
         return f"<unsupported {self.kind} tensor>"
 
 
-class _StorageType:
+class StorageType:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
@@ -167,11 +151,11 @@ def _unsupported(kind: str) -> Any:
     return rebuild
 
 
-def _storage_type(name: str) -> _StorageType:
-    return _StorageType(_STORAGE_DTYPES[name])
+def _storage_type(name: str) -> StorageType:
+    return StorageType(_STORAGE_DTYPES[name])
 
 
-def _lazy_overrides() -> dict[str, Any]:
+def lazy_overrides() -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -192,14 +176,14 @@ def _lazy_overrides() -> dict[str, Any]:
     for name in _STORAGE_DTYPES:
         overrides[f"torch.{name}"] = _storage_type(name)
         overrides[f"torch.cuda.{name}"] = _storage_type(name)
-    overrides["torch.storage.UntypedStorage"] = _StorageType(torch.uint8)
-    overrides["torch.storage.TypedStorage"] = _StorageType(torch.uint8)
-    for dtype in _dtypes():
+    overrides["torch.storage.UntypedStorage"] = StorageType(torch.uint8)
+    overrides["torch.storage.TypedStorage"] = StorageType(torch.uint8)
+    for dtype in torch_dtypes():
         overrides[str(dtype)] = dtype
     return overrides
 
 
-def _dtypes() -> list[torch.dtype]:
+def torch_dtypes() -> list[torch.dtype]:
     return [v for v in vars(torch).values() if isinstance(v, torch.dtype)]
 
 
@@ -265,27 +249,27 @@ class TorchZip:
         return StorageRef(self.reader, offset, nbytes, dtype, f"{self.path}\0{key}")
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        header = bytearray(_LOCAL_HEADER.size)
+        header = bytearray(LOCAL_HEADER.size)
         view = torch.frombuffer(header, dtype=torch.uint8)
         self.reader.read_into(view, info.header_offset)
-        fields = _LOCAL_HEADER.unpack(bytes(header))
+        fields = LOCAL_HEADER.unpack(bytes(header))
         if fields[0] != b"PK\x03\x04":
             raise CheckpointError(f"{self.path}: corrupt zip: bad local header for '{shown(info.filename)}'")
         name_length, extra_length = int(fields[-2]), int(fields[-1])
-        return int(info.header_offset) + _LOCAL_HEADER.size + name_length + extra_length
+        return int(info.header_offset) + LOCAL_HEADER.size + name_length + extra_length
 
 
 def load_zip(path: str, policy: PicklePolicy) -> Unpickled:
     """Unpickle a zip checkpoint's object tree with `LazyTensor` leaves."""
     archive = TorchZip(path)
-    resolver = GlobalResolver(policy, _lazy_overrides())
+    resolver = GlobalResolver(policy, lazy_overrides())
     storages: dict[str, StorageRef] = {}
 
     def persistent_load(pid: Any) -> StorageRef:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"{path}: unknown persistent id in pickle")
         storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
-        if not isinstance(storage_type, _StorageType) or not _is_int(numel) or numel < 0:
+        if not isinstance(storage_type, StorageType) or not _is_int(numel) or numel < 0:
             raise CheckpointError(f"{path}: malformed storage reference in pickle")
         if type(key) is not str:  # never str() an object from a pickle: it may print for hours
             raise CheckpointError(f"{path}: a storage key in the pickle is a {type(key).__name__}, not a string")
@@ -365,7 +349,7 @@ def load_legacy(path: str, policy: PicklePolicy) -> Unpickled:
             )
         offsets = _storage_offsets(raw, file.position, keys, named, reader.size, path)
         file.seek(tree_start)
-        resolver = GlobalResolver(policy, _lazy_overrides())
+        resolver = GlobalResolver(policy, lazy_overrides())
         refs = _LegacyStorages(reader, offsets, path, policy)
         tree = loads_checked(file, resolver, path, persistent_load=refs.load)  # type: ignore[arg-type]
     _validate_tensors(tree, path)
@@ -407,7 +391,7 @@ def _storages_named(file: _Window, path: str) -> dict[str, tuple[torch.dtype, in
         if named.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise CheckpointError(f"{path}: storage '{shown(key)}' is named with two types or sizes")
 
-    overrides = {name: value for name, value in _lazy_overrides().items() if isinstance(value, _StorageType)}
+    overrides = {name: value for name, value in lazy_overrides().items() if isinstance(value, StorageType)}
     resolver = GlobalResolver(PicklePolicy(), overrides, placeholders_only=True)
     try:
         RestrictedUnpickler(file, resolver, note).load()  # type: ignore[arg-type]
@@ -432,7 +416,7 @@ def _parse_legacy_id(pid: Any, path: str) -> tuple[str, torch.dtype, int, _View 
     if not (type(pid) is tuple and len(pid) == 6 and pid[0] == "storage"):
         raise CheckpointError(f"{path}: unknown persistent id in pickle")
     storage_type, key, _location, numel, view = pid[1:]
-    if not isinstance(storage_type, _StorageType) or not _is_int(numel) or numel < 0:
+    if not isinstance(storage_type, StorageType) or not _is_int(numel) or numel < 0:
         raise CheckpointError(f"{path}: malformed storage reference in pickle")
     if type(key) is not str:  # never str() an object from a pickle: it may print for hours
         raise CheckpointError(f"{path}: a storage key in the pickle is a {type(key).__name__}, not a string")

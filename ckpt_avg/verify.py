@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .dcp import dcp_metadata_file
 from .digest import FORMAT_VERSION, SCHEME, TensorDigests, digest_leaves
 from .discover import discover, hf_weight_files
 from .errors import CheckpointError, CkptAvgError, UsageError
 from .guard import PROVENANCE_RECORD, OutputKind, output_kind
+from .jsonfile import read_json
 from .layout import strip_prefixes
 from .safetensors_file import read_header
 from .sources import open_checkpoint
@@ -90,15 +92,27 @@ def verify_output(
     return result
 
 
+def _existing_kind(output: str) -> OutputKind:
+    """The kind of an existing OUTPUT: a directory holding DCP metadata is a DCP checkpoint."""
+    if os.path.isdir(output) and dcp_metadata_file(output) is not None:
+        return OutputKind.DCP_DIRECTORY
+    return output_kind(output)
+
+
 def read_provenance(output: str) -> dict[str, Any] | None:
     """The provenance ckpt-avg recorded in OUTPUT, or None where it has none."""
-    kind = output_kind(output)
+    kind = _existing_kind(output)
     try:
+        if kind is OutputKind.DCP_DIRECTORY:  # beside the DCP files
+            record = os.path.join(output, PROVENANCE_RECORD)
+            if not os.path.isfile(record):
+                return None
+            with open(record, encoding="utf-8") as f:
+                return _as_dict(json.load(f))
         if kind is OutputKind.HF_DIRECTORY:
             index = os.path.join(output, "model.safetensors.index.json")
             if os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    metadata = json.load(f).get("metadata")
+                metadata = read_json(index).get("metadata")
                 found = metadata.get("ckpt_avg") if isinstance(metadata, dict) else None
                 return found if isinstance(found, dict) else None
             output = os.path.join(output, "model.safetensors")
@@ -142,9 +156,19 @@ def _usable(provenance: dict[str, Any] | None, result: Verification) -> bool:
 def _output_digests(output: str, provenance: dict[str, Any], policy: PicklePolicy) -> TensorDigests:
     ref = discover([output]).refs[0]
     tree = open_checkpoint(ref, policy).tree
-    structured = output_kind(output).keeps_structure
+    kind = _existing_kind(output)
+    structured = kind.keeps_structure or kind is OutputKind.DCP_DIRECTORY
     path = tuple(provenance.get("state_dict") or ()) if structured else ()
+    if kind is OutputKind.DCP_DIRECTORY and not _has_state_dict(tree, path):
+        path = ()  # weights alone (from inputs that were not DCP): stored at the top level
     return digest_leaves(_state_dict(tree, path, output))
+
+
+def _has_state_dict(tree: Any, path: tuple[str, ...]) -> bool:
+    try:
+        return is_state_dict(get_path(tree, path))
+    except (KeyError, IndexError, TypeError):
+        return False
 
 
 def _state_dict(tree: Any, path: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -294,7 +318,7 @@ def recorded_options(provenance: dict[str, Any], *, trust_pickle: bool, allow_gl
     `--bn-model`/`--bn-data` name code to import and call, and a provenance is only as
     trustworthy as the file that carries it.
     """
-    from .api import Options
+    from .options import Options
     from .select import SelectOptions
 
     options = provenance.get("options") or {}

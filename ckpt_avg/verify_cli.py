@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .cli import _errors
+from .cli_options import CONTEXT_SETTINGS, allow_global_option, cli_errors, debug_option, trust_pickle_option
 
 EPILOG = """\b
 Examples:
@@ -17,7 +17,7 @@ Examples:
 
 
 @click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings=CONTEXT_SETTINGS,
     epilog=EPILOG,
 )
 @click.argument("output", metavar="OUTPUT")
@@ -28,20 +28,11 @@ Examples:
     help="Also re-derive the average from the recorded inputs, weights and options and compare it, tensor by"
     " tensor (reads every input).",
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Fully unpickle the inputs. RUNS CODE FROM THE FILES: only for files you trust.",
-)
-@click.option(
-    "--allow-global",
-    multiple=True,
-    metavar="MODULE.NAME",
-    help="Load this class as itself instead of a placeholder (repeatable). Example: --allow-global my_pkg.Config",
-)
+@trust_pickle_option
+@allow_global_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the mismatches.")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@debug_option
 def verify_command(**params: Any) -> None:
     """Check OUTPUT, written by ckpt-avg, against the provenance it carries.
 
@@ -53,7 +44,7 @@ def verify_command(**params: Any) -> None:
     Exit status 0 when everything holds, 1 with one line per mismatch (FILE: what differs)
     otherwise.
     """
-    with _errors(debug=params["debug"]):
+    with cli_errors(debug=params["debug"]):
         _run(params)
 
 

@@ -16,15 +16,17 @@ import math
 import mmap
 import os
 import pickle
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -67,12 +69,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(final_path: str) -> None:
-    """Delete temp files a killed run left beside OUTPUT (their process is gone).
+# The first thing ckpt-avg writes into a temp directory, removed just before the directory
+# becomes OUTPUT: the proof that a directory with a temp-like name is ours to delete.
+TEMP_MARKER = ".ckpt-avg-temp"
+_STALE_NAME = re.compile(r"([0-9]+)-[0-9a-f]{8}(-old)?", re.ASCII)
 
-    A distributed run's staging directories are judged by their owner file instead.
+
+def mark_temp_directory(temp: str) -> None:
+    with open(os.path.join(temp, TEMP_MARKER), "x", encoding="utf-8") as f:
+        f.write("a ckpt-avg temp directory: removed when its run ends\n")
+
+
+def remove_stale_temps(final_path: str) -> None:
+    """Delete what a killed run left beside OUTPUT (its process is gone), only where it is provably ours.
+
+    A regular file with a temp name goes; a link named `...-old` goes as a link (never what
+    it points to); a directory goes only when it carries TEMP_MARKER, or is a replaced
+    earlier output (`...-old`) whose every entry ckpt-avg writes, and only when all it holds
+    is regular files: nothing is ever removed recursively. Anything else is left alone.
     """
-    remove_stale_staging(final_path)
+    remove_stale_staging(final_path)  # a distributed run's staging: judged by its owner file
     directory = os.path.dirname(final_path.rstrip("/")) or "."
     prefix = f"{TEMP_PREFIX}{os.path.basename(final_path.rstrip('/'))}-"
     try:
@@ -80,12 +96,33 @@ def remove_stale_temps(final_path: str) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isascii() and pid.isdigit() and not _pid_alive(int(pid)):
+        match = _STALE_NAME.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+        if match is not None and not _pid_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
-                _remove_replaced(os.path.join(directory, name))  # an `-old` one may be a link
+                _remove_stale(os.path.join(directory, name), old=match.group(2) is not None)
+
+
+def _remove_stale(path: str, *, old: bool) -> None:
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        if old:  # OUTPUT was a link, renamed aside by `commit`
+            os.remove(path)
+    elif stat.S_ISREG(mode):
+        if not old:
+            os.remove(path)
+    elif stat.S_ISDIR(mode):
+        ours = replace_refusal(path) == "" if old else os.path.isfile(os.path.join(path, TEMP_MARKER))
+        if ours:
+            _remove_flat_directory(path)
+
+
+def _remove_flat_directory(path: str) -> None:
+    """Remove a directory of regular files; one holding anything else is left as it is."""
+    entries = [os.path.join(path, n) for n in os.listdir(path)]
+    if all(stat.S_ISREG(os.lstat(e).st_mode) for e in entries):
+        for entry in sorted(entries, key=lambda e: os.path.basename(e) == TEMP_MARKER):  # the proof goes last
+            os.remove(entry)
+        os.rmdir(path)
 
 
 # ---------------------------------------------------------------- shared staging
@@ -514,22 +551,6 @@ class SafetensorsSink:
                 writer.write_at(name, start, data)
 
 
-def parse_size(text: str) -> int:
-    """`5GB` = 5*10^9 bytes, `5GiB` = 5*2^30, a bare number is bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-    cleaned = text.strip().upper().replace(" ", "")
-    number = cleaned.rstrip("KMGTIB")
-    unit = cleaned[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a size such as 5GB, 500MiB or 1000000")
-    return int(value * units[unit])
-
-
 def plan_shards(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int | None) -> list[list[str]]:
     """Group tensors into shards in name order, as `save_pretrained` does."""
     shards: list[list[str]] = [[]]
@@ -578,12 +599,60 @@ class OutTensor:
         return (torch._utils._rebuild_tensor_v2, args)
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(pickle._Pickler):
+    """torch.save's pickle, with sets in a fixed order so that re-runs are byte-identical.
+
+    The pure-Python pickler: the C one writes an exact set in hash order and offers no hook
+    for it (PYTHONHASHSEED changes the order of strings between runs).
+    """
+
+    def __init__(self, file: IO[bytes], protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        self._keys: dict[int, bytes] = {}
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, OutStorage):
             storage_type = getattr(torch, _STORAGE_NAMES[obj.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.numel)
         return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, set | frozenset):
+            return NotImplemented
+        # What the C pickler writes for a set at protocol 2, with the items sorted.
+        items = sorted(obj, key=self._order_key)
+        return (type(obj), (items,), getattr(obj, "__dict__", None) or None)
+
+    def _order_key(self, item: Any) -> bytes:
+        """A digest of the item's value: total, fixed, and never its repr or str, which an
+        object from a pickle decides. Memoised by id, so a graph of shared tuples costs
+        once per distinct tuple."""
+        known = self._keys.get(id(item))
+        if known is not None:
+            return known
+        digest = hashlib.blake2b(_value_bytes(item, self._order_key), digest_size=16).digest()
+        self._keys[id(item)] = digest
+        return digest
+
+
+def _value_bytes(item: Any, key: Callable[[Any], bytes]) -> bytes:
+    if item is None or type(item) is bool:
+        return f"{type(item).__name__}:{item is True}".encode()
+    if type(item) is int:
+        return b"int:" + item.to_bytes((item.bit_length() + 8) // 8, "little", signed=True)
+    if type(item) is float:
+        return b"float:" + item.hex().encode()
+    if type(item) is complex:
+        return b"complex:" + item.real.hex().encode() + b"," + item.imag.hex().encode()
+    if type(item) is str:
+        return b"str:" + item.encode("utf-8", "surrogatepass")
+    if type(item) is bytes:
+        return b"bytes:" + item
+    if type(item) is tuple:
+        return b"tuple:" + b"".join(key(v) for v in item)
+    if type(item) is frozenset:
+        return b"frozenset:" + b"".join(sorted(key(v) for v in item))
+    raise pickle.PicklingError(f"a set holding a {type(item).__name__} cannot be written in a fixed order")
 
 
 def pickle_tree(tree: Any) -> bytes:

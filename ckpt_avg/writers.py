@@ -12,22 +12,24 @@ import pickle
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 from .average import Digests, Visit
 from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
-from .guard import PROVENANCE_RECORD, OutputKind
+from .guard import HF_SIDE_FILES, PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
-from .lazy import LazyTensor, TensorLeaf, itemsize, leaf_numel, leaf_tie_key
+from .lazy import TensorLeaf, is_tensor_leaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
+from .options import parse_size
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
 from .write import (
+    TEMP_MARKER,
     OutputFile,
     OutStorage,
     OutTensor,
@@ -40,66 +42,21 @@ from .write import (
     discard,
     finish_file,
     fsync_path,
+    mark_temp_directory,
     open_temp,
-    parse_size,
     pickle_tree,
     plan_shards,
     shard_file_names,
     signals_deferred,
     temp_path_for,
 )
+from .written import Runner, Written
 
 if TYPE_CHECKING:
-    from .api import Options
     from .layout import Layout
+    from .options import Options
 
 # Files beside the weights in a Trainer checkpoint that `from_pretrained` needs.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "image_processor_config.json",
-    "feature_extractor_config.json",
-)
-
-
-@dataclass
-class Written:
-    files: list[str]
-    digests: Digests
-    dropped: list[str] = field(default_factory=list)
-    sha256: dict[str, str] = field(default_factory=dict)  # per file written, where asked for
-
-    @property
-    def output_digest(self) -> str:
-        return self.digests.output.root()
-
-    @property
-    def input_digests(self) -> list[str]:
-        return [d.root() for d in self.digests.inputs]
-
-
-class Runner(Protocol):
-    """Runs the kernel into a sink and returns the digests.
-
-    `primary_only`: only the primary state dict; `order`: its names in the order to compute
-    them (the order of the file, so that a file's sha256 is taken as its bytes are written).
-    """
-
-    def __call__(self, sink: Any, primary_only: bool, order: Sequence[str] | None = None) -> Digests: ...
 
 
 def ordered_visits(visits: Iterable[Visit], order: Sequence[str]) -> list[Visit]:
@@ -119,11 +76,20 @@ def write_output(
     output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
+    if kind is OutputKind.DCP_DIRECTORY:
+        return _write_dcp(output, layout, provenance, options, run)
     if kind is OutputKind.HF_DIRECTORY:
         return _write_directory(output, layout, provenance, options, run)
     if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
+
+
+def _write_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
+    from .dcp_write import write_dcp
+
+    names = layout.primary_names
+    return write_dcp(output, layout, lambda d: _provenance_text(provenance, d, names), options, run)
 
 
 def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
@@ -306,6 +272,11 @@ def make_staging(path: str, output: str) -> None:
     except BaseException:
         discard(path)
         raise
+    try:
+        mark_temp_directory(path)
+    except BaseException:
+        discard(path)
+        raise
 
 
 def write_files(
@@ -379,6 +350,7 @@ def finalize_directory(
         problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging, copied)
         if problem:
             warn(f"{source}: not copied into the output: {problem}")
+    os.remove(os.path.join(staging, TEMP_MARKER))  # OUTPUT holds only what ckpt-avg writes there
     fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]
@@ -531,6 +503,7 @@ class _TreeBuilder:
         self.dropped: list[str] = []
         self._tensors: dict[int, OutTensor] = {}
         self._extra_by_tie: dict[tuple[object, ...], OutStorage] = {}
+        self._copies: dict[int, Any] = {}  # id of a node of the input tree -> its copy
 
     def build(self) -> Any:
         last = self.layout.opened[-1].tree
@@ -569,21 +542,41 @@ class _TreeBuilder:
         if isinstance(node, UnsupportedTensor):  # never write our stand-in into a checkpoint
             self.dropped.append(_dotted(path) + f" ({node.kind} tensor, cannot be copied)")
             return _DROP
-        if isinstance(node, LazyTensor | torch.Tensor):
+        if is_tensor_leaf(node):
             return self._extra(node)
+        if id(node) in self._copies:
+            # A shared object stays shared: walking it once per path is exponential in a
+            # graph of lists that each hold the previous one twice (a 2 KB file).
+            return self._copies[id(node)]
         if isinstance(node, dict):
             return self._mapping(node, path)
-        if isinstance(node, list | tuple):
-            items = [self._node(v, (*path, str(i))) for i, v in enumerate(node)]
-            kept = [v for v in items if v is not _DROP]
-            try:  # torch.Size and named tuples stay what they were
-                return type(node)(*kept) if hasattr(node, "_fields") else type(node)(kept)
-            except Exception:  # noqa: BLE001 - a sequence type that cannot be rebuilt so: a list
-                return kept
+        if isinstance(node, list):
+            result: list[Any] = []
+            self._copies[id(node)] = result  # before the items: a list may hold itself
+            result.extend(v for v in self._items(node, path) if v is not _DROP)
+            return result
+        if isinstance(node, tuple):
+            return self._sequence(node, path)
         return node
 
+    def _items(self, node: list[Any] | tuple[Any, ...], path: tuple[str, ...]) -> list[Any]:
+        return [self._node(v, (*path, str(i))) for i, v in enumerate(node)]
+
+    def _sequence(self, node: Any, path: tuple[str, ...]) -> Any:
+        items = self._items(node, path)
+        if id(node) in self._copies:  # reached again through a list inside it
+            return self._copies[id(node)]
+        kept = [v for v in items if v is not _DROP]
+        try:  # torch.Size and named tuples stay what they were
+            result = type(node)(*kept) if hasattr(node, "_fields") else type(node)(kept)
+        except Exception:  # noqa: BLE001 - a sequence type that cannot be rebuilt so: a list
+            result = kept
+        self._copies[id(node)] = result
+        return result
+
     def _mapping(self, node: dict[Any, Any], path: tuple[str, ...]) -> Any:
-        items: list[tuple[Any, Any]] = []
+        result = _empty_like(node)
+        self._copies[id(node)] = result  # before the items: a dict may hold itself
         for key, value in node.items():
             if path == () and key in TRAINING_STATE_NAMES:
                 self.dropped.append(f"{key} (training state)")
@@ -596,18 +589,8 @@ class _TreeBuilder:
                 self.dropped.append(f"{_dotted((*path, str(key)))} (nests too deeply to copy)")
                 continue
             if child is not _DROP:
-                items.append((key, child))
-        try:
-            # A copy keeps the subclass and what it carries (a defaultdict's factory, an
-            # AttributeDict's attributes); items go in one by one, as `update` would count them
-            # in a Counter.
-            result = copy.copy(node)
-            result.clear()
-            for key, child in items:
-                result[key] = child
-            return result
-        except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
-            return dict(items)
+                result[key] = child  # one by one, as `update` would count them in a Counter
+        return result
 
     def _node_of_leaf(self, leaf: Any) -> Any:
         copied = self._node(leaf, ("(module buffer)",))
@@ -621,6 +604,17 @@ class _TreeBuilder:
             self._extra_by_tie[tie] = storage
             self.extras.append((storage, leaf))
         return OutTensor(storage, tuple(leaf.shape))
+
+
+def _empty_like(node: dict[Any, Any]) -> dict[Any, Any]:
+    """An empty copy that keeps the subclass and what it carries (a defaultdict's factory,
+    an AttributeDict's attributes)."""
+    try:
+        result = copy.copy(node)
+        result.clear()
+        return result
+    except Exception:  # noqa: BLE001 - an unusual dict subclass: fall back to a plain dict
+        return {}
 
 
 class _Drop:
@@ -641,6 +635,11 @@ def _drop_unpicklable(tree: Any, nested: bool, averaged: set[Any], where: str) -
     """
     if not nested or not isinstance(tree, dict):
         return []
+    try:
+        pickle_tree(tree)
+        return []  # the usual case, in one pass: an entry at a time re-walks what entries share
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError):
+        pass
     dropped = []
     for key in list(tree):
         try:

@@ -1,16 +1,65 @@
-"""Shared helpers: the float64 oracle, computed the simple way, and the CLI as a user runs it."""
+"""Shared helpers: a run of checkpoints, the float64 oracle computed the simple way, and the CLI
+as a user runs it."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from safetensors.torch import save_file
 
 from ckpt_avg.cli import main
+
+
+@dataclass(frozen=True)
+class Run:
+    paths: list[Path]  # in epoch order
+    states: list[dict[str, torch.Tensor]]  # the state dict each file holds
+
+
+FLAT_SHAPES: Mapping[str, tuple[int, ...]] = {"w": (4, 4), "b": (4,)}
+
+
+def make_run(
+    directory: Path,
+    *,
+    kind: str = "flat",
+    epochs: int = 3,
+    dtype: torch.dtype = torch.float32,
+    first_epoch: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] = FLAT_SHAPES,
+) -> Run:
+    """A run of checkpoints in `directory` (made if missing), one per epoch, random and reproducible.
+
+    kind: "flat" (`epoch_K.pt` holding the state dict), "lightning" (`epoch=K-step=N.ckpt`
+    with the state dict under "state_dict", an epoch, a global step and optimizer states) or
+    "safetensors" (`epoch_K.safetensors`).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    run = Run([], [])
+    for epoch in range(first_epoch, first_epoch + epochs):
+        generator = torch.Generator().manual_seed(100 + epoch)
+        state = {name: torch.randn(shape, generator=generator).to(dtype) for name, shape in shapes.items()}
+        if kind == "flat":
+            path = directory / f"epoch_{epoch}.pt"
+            torch.save(state, path)
+        elif kind == "lightning":
+            path = directory / f"epoch={epoch}-step={10 * (epoch + 1)}.ckpt"
+            checkpoint = {"state_dict": state, "epoch": epoch, "global_step": 10 * (epoch + 1)}
+            torch.save({**checkpoint, "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}]}, path)
+        else:
+            assert kind == "safetensors", kind
+            path = directory / f"epoch_{epoch}.safetensors"
+            save_file(state, path)
+        run.paths.append(path)
+        run.states.append(state)
+    return run
 
 
 def round_reference(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -49,43 +49,81 @@ def assert_refused(ckpts: Path, *args: object, code: int, says: tuple[str, ...])
     return line
 
 
-USAGE = [
-    (("--weights", "1,2"), ("--weights has 2 values but 3 checkpoints are selected",)),
-    (("--weights", "1,2,3,4"), ("--weights has 4 values but 3 checkpoints are selected",)),
-    (("--weights", "1,-1,1"), ("--weights", "non-negative")),
-    (("--weights", "0,0,0"), ("--weights", "zero")),
-    (("--weights", "1,nan,1"), ("--weights", "finite")),
-    (("--weights", "1,inf,1"), ("--weights", "finite")),
-    (("--weights", "one,two"), ("--weights", "not a comma-separated list of numbers")),
-    (("--ema", "0"), ("--ema must be between 0 and 1",)),
-    (("--ema", "1"), ("--ema must be between 0 and 1",)),
-    (("--ema", "1.5"), ("--ema must be between 0 and 1",)),
-    (("--ema", "-0.5"), ("--ema must be between 0 and 1",)),
-    (("--ema", "nan"), ("--ema must be between 0 and 1",)),
-    (("--ema", "0.9", "--weights", "1,2,3"), ("--weights and --ema cannot be used together",)),
-    (("--start", "5", "--end", "3"), ("--start 5 is after --end 3",)),
-    (("--start", "-1"), ("--start must be >= 0",)),
-    (("--start", "1.5"), ("--start", "whole index or a fraction")),
-    (("--last", "0"), ("--last must be at least 1, not 0",)),
-    (("--last", "-2"), ("--last must be at least 1",)),
-    (("--best", "2"), ("--best needs --metric",)),
-    (("--device", "tpu"), ("--device 'tpu'", "cpu, cuda, cuda:N or mps")),
-    (("--device", "cuda:99"), ("--device cuda:99",)),
-    (("--device", "meta"), ("--device meta", "cpu, cuda, cuda:N and mps")),
-    (("--dtype", "int8"), ("--dtype", "'int8' is not one of")),
-    (("--accum-dtype", "float16"), ("--accum-dtype",)),
-    (("--int-policy", "average"), ("--int-policy",)),
-    (("--bn-model", "train:model"), ("--bn-model and --bn-data go together",)),
-    (("--bn-model", "a:b", "--bn-data", "c:d", "--bn-batch-size", "0"), ("--bn-batch-size",)),
-    (("--strip-prefix", ""), ("--strip-prefix must not be empty",)),  # once looped for ever
+def opt(*args: str) -> tuple[str, ...]:
+    """The arguments of a run on the checkpoints, with `args` added."""
+    return ("DIR", "-o", "OUT", *args)
+
+
+# The one table of usage errors (exit 2): arguments (DIR: the checkpoints, OUT: a .pt beside
+# them) and the exact error line, or fragments of it where the line depends on the machine.
+USAGE: list[tuple[tuple[str, ...], str | tuple[str, ...]]] = [
+    (opt("--weights", "1,2"), "--weights has 2 values but 3 checkpoints are selected"),
+    (opt("--weights", "1,2,3,4"), "--weights has 4 values but 3 checkpoints are selected"),
+    (opt("--weights", "1,-1,1"), "--weights must be non-negative and not sum to zero"),
+    (opt("--weights", "0,0,0"), "--weights must be non-negative and not sum to zero"),
+    (opt("--weights", "1,nan,1"), "--weights must be finite and non-negative"),
+    (opt("--weights", "1,inf,1"), "--weights must be finite and non-negative"),
+    (opt("--weights", "one,two"), "Invalid value for '--weights': 'one,two' is not a comma-separated list of numbers"),
+    (opt("--ema", "0"), "--ema must be between 0 and 1 (exclusive), not 0.0"),
+    (opt("--ema", "1"), "--ema must be between 0 and 1 (exclusive), not 1.0"),
+    (opt("--ema", "1.5"), "--ema must be between 0 and 1 (exclusive), not 1.5"),
+    (opt("--ema", "-0.5"), "--ema must be between 0 and 1 (exclusive), not -0.5"),
+    (opt("--ema", "nan"), "--ema must be between 0 and 1 (exclusive), not nan"),
+    (opt("--ema", "0.9", "--weights", "1,2,3"), "--weights and --ema cannot be used together"),
+    (opt("--start", "5", "--end", "3"), "--start 5 is after --end 3"),
+    (opt("--start", "-1"), "--start must be >= 0, not -1.0"),
+    (opt("--start", "1.5"), "--start must be a whole index or a fraction between 0 and 1, not 1.5"),
+    (opt("--last", "0"), "--last must be at least 1, not 0"),
+    (opt("--last", "-2"), "--last must be at least 1, not -2"),
+    (opt("--best", "2"), "--best needs --metric NAME (for example --metric val_loss)"),
+    (opt("--device", "tpu"), "--device 'tpu': not a device (use cpu, cuda, cuda:N or mps)"),
+    (opt("--device", "cuda:99"), ("--device cuda:99: ",)),  # no CUDA, or too few devices
+    (opt("--device", "meta"), "--device meta: only cpu, cuda, cuda:N and mps are supported"),
+    (
+        opt("--dtype", "int8"),
+        "Invalid value for '--dtype': 'int8' is not one of 'float32', 'bfloat16', 'float16', 'float64'.",
+    ),
+    (
+        opt("--accum-dtype", "float16"),
+        "Invalid value for '--accum-dtype': 'float16' is not one of 'float64', 'float32'.",
+    ),
+    (opt("--int-policy", "average"), "Invalid value for '--int-policy': 'average' is not one of 'error', 'last'."),
+    (
+        opt("--bn-model", "train:model"),
+        "--bn-model and --bn-data go together: give both to recompute BatchNorm statistics",
+    ),
+    (
+        opt("--bn-model", "a:b", "--bn-data", "c:d", "--bn-batch-size", "0"),
+        "--bn-batch-size and --bn-batches must be at least 1",
+    ),
+    (opt("--strip-prefix", ""), "--strip-prefix must not be empty"),  # once looped for ever
+    (opt("--max-shard-size", "5GB"), "--max-shard-size needs a directory OUTPUT (end it with /)"),
+    (("nope/", "-o", "OUT"), "INPUT 'nope/' does not exist"),
+    (("DIR",), "missing -o OUTPUT (or use --dry-run)"),
+    (
+        ("DIR", "-o", "avg.txt"),
+        "OUTPUT 'avg.txt': unknown format; end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin"
+        " or / for a directory",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("args", "says"), USAGE, ids=[" ".join(a) for a, _ in USAGE])
-def test_bad_option_value_is_a_usage_error(ckpts: Path, args: tuple[str, ...], says: tuple[str, ...]) -> None:
-    out = ckpts.parent / "avg.pt"
-    assert_refused(ckpts, ckpts, "-o", out, *args, code=2, says=says)
-    assert not out.exists()
+def test_usage_errors(
+    ckpts: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], says: str | tuple[str, ...]
+) -> None:
+    monkeypatch.chdir(ckpts.parent)
+    args = tuple({"DIR": ckpts.name, "OUT": "avg.pt"}.get(a, a) for a in args)
+    before = snapshot(ckpts)
+    result = run_cli(*args, expect=2)
+    assert result.stdout == "" and "Traceback" not in result.output
+    line = error_line(result.stderr)
+    if isinstance(says, str):
+        assert line == f"Error: {says}"
+    else:
+        assert all(fragment in line for fragment in says), line
+    assert snapshot(ckpts) == before, "an input was modified"
+    assert sorted(os.listdir(ckpts.parent)) == ["ckpts"]  # no output, no temp file
 
 
 def test_key_that_does_not_exist_lists_the_keys_that_do(ckpts: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from conftest import leftovers, oracle_mean, run_cli
+from conftest import leftovers, make_run, oracle_mean, run_cli
 
 import ckpt_avg
 from ckpt_avg.cli import main
@@ -53,14 +53,7 @@ def lightning_like(directory: Path, epochs: int = 5, *, batchnorm: bool = True) 
 
 def flat(directory: Path, epochs: int = 4) -> list[dict[str, torch.Tensor]]:
     """`epoch_K.pt` flat state dicts without BatchNorm: a run that triggers no warning."""
-    directory.mkdir(parents=True, exist_ok=True)
-    states = []
-    for k in range(1, epochs + 1):
-        g = torch.Generator().manual_seed(100 + k)
-        sd = {"w": torch.randn(5, 5, generator=g), "b": torch.randn(5, generator=g)}
-        torch.save(sd, directory / f"epoch_{k}.pt")
-        states.append(sd)
-    return states
+    return make_run(directory, epochs=epochs, first_epoch=1, shapes={"w": (5, 5), "b": (5,)}).states
 
 
 def listing(directory: Path) -> dict[str, bytes]:
@@ -212,43 +205,7 @@ def test_rerun_into_the_checkpoint_directory(tmp_path: Path) -> None:
     assert out.read_bytes() == first
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["DIR", "--start", "5", "--end", "2", "-o", "OUT"], "Error: --start 5 is after --end 2"),
-        (["nope/", "-o", "OUT"], "Error: INPUT 'nope/' does not exist"),
-        (["DIR"], "Error: missing -o OUTPUT (or use --dry-run)"),
-        (
-            ["DIR", "-o", "avg.txt"],
-            "Error: OUTPUT 'avg.txt': unknown format;"
-            " end it with .safetensors, .pt, .pth, .pth.tar, .ckpt, .bin or / for a directory",
-        ),
-        (
-            ["DIR", "--dtype", "int8", "-o", "OUT"],
-            "Error: Invalid value for '--dtype': 'int8' is not one of 'float32', 'bfloat16', 'float16', 'float64'.",
-        ),
-        (["DIR", "--ema", "1.5", "-o", "OUT"], "Error: --ema must be between 0 and 1 (exclusive), not 1.5"),
-        (["DIR", "--weights", "1,-1,1,1", "-o", "OUT"], "Error: --weights must be non-negative and not sum to zero"),
-        (
-            ["DIR", "--weights", "1,x", "-o", "OUT"],
-            "Error: Invalid value for '--weights': '1,x' is not a comma-separated list of numbers",
-        ),
-        (["DIR", "--last", "0", "-o", "OUT"], "Error: --last must be at least 1, not 0"),
-        (
-            ["DIR", "--max-shard-size", "5GB", "-o", "OUT"],
-            "Error: --max-shard-size needs a directory OUTPUT (end it with /)",
-        ),
-    ],
-)
-def test_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
-    monkeypatch.chdir(tmp_path)
-    flat(tmp_path / "ckpts")
-    args = [{"DIR": "ckpts", "OUT": "avg.pt"}.get(a, a) for a in args]
-    result = run_cli(*args, expect=2)
-    assert result.stderr.splitlines()[-1] == message
-    assert result.stdout == ""
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "avg.pt").exists() and leftovers(tmp_path) == []
+# Usage errors (exit 2) and their exact messages: the one table in test_bad_options.py.
 
 
 def test_content_errors_exit_1_with_one_line(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from conftest import leftovers, oracle_mean, run_cli
 from safetensors.torch import load_file
 
 from ckpt_avg.discover import TEMP_PREFIX
+from ckpt_avg.write import TEMP_MARKER
 
 INJECTED: list[str] = []
 
@@ -458,6 +459,7 @@ def test_stale_temp_directory_from_a_dead_run_is_removed(small: Inputs, tmp_path
     as it does for a single file (`remove_stale_temps`)."""
     stale = tmp_path / ".ckpt-avg-tmp-shards-99999999-cafebabe"
     stale.mkdir()
+    (stale / TEMP_MARKER).write_text("written first by the killed run")
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
     run_cli(small.directory, "-o", f"{tmp_path}/shards/")
     small.assert_output(tmp_path / "shards")

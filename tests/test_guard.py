@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import make_run, run_cli
 
 
 def _run(directory: Path, count: int = 3) -> list[Path]:
-    directory.mkdir(parents=True)
-    paths = []
-    for epoch in range(count):
-        path = directory / f"epoch_{epoch}.pt"
-        torch.save({"w": torch.randn(4), "b": torch.randn(2)}, path)
-        paths.append(path)
-    return paths
+    return make_run(directory, epochs=count).paths
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -229,11 +229,13 @@ def lightning_run(directory: Path, epochs: int) -> None:
 
 # Lightning 2.6 under torch 2.13 warns about torch's own pytree API inside Trainer.fit; not ours to fix.
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-def test_real_lightning_run_through_the_console_script(tmp_path: Path) -> None:
+def test_real_lightning_run_as_a_command(tmp_path: Path) -> None:
     lightning_run(tmp_path / "checkpoints", epochs=12)
+    # This interpreter's ckpt_avg (the tree under test), never a `ckpt-avg` found on PATH.
     result = subprocess.run(
-        ["ckpt-avg", "inspect", "checkpoints/"], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
+        [sys.executable, "-m", "ckpt_avg", "inspect", "checkpoints/"],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["epoch", "file", "size", "dtypes", "val_loss", "lr", "drift/prev", "drift/last"]

@@ -52,10 +52,25 @@ def test_tied_weights_become_copies_in_flat_safetensors(tmp_path: Path) -> None:
     expected = oracle_mean([sd["decoder.embed.weight"] for sd in inputs])
     assert torch.equal(averaged["encoder.embed.weight"], expected)
     assert torch.equal(averaged["decoder.embed.weight"], expected)
-    module = torch.nn.Module()
-    module.register_buffer("w", torch.zeros(1))
-    # A strict load of the flat file into the same key set works: both names are present.
-    assert set(averaged) == set(inputs[-1])
+    # A strict load of the flat file into the tied model works: both names are present, and
+    # loading either copy into the one shared parameter gives it the average.
+    model = _tied_model()
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    model.load_state_dict(averaged, strict=True)
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    assert torch.equal(model.decoder.embed.weight.data, expected)
+    assert torch.equal(model.head.weight.data, oracle_mean([sd["head.weight"] for sd in inputs]))
+
+
+def _tied_model() -> torch.nn.Module:
+    """The model `_tied` is the state dict of: one embedding shared by encoder and decoder."""
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(4, 6)
+    model.encoder.embed = torch.nn.Embedding(10, 4)
+    model.decoder = torch.nn.Module()
+    model.decoder.embed = model.encoder.embed
+    model.head = torch.nn.Linear(6, 3, bias=False)
+    return model
 
 
 def test_ddp_prefix_is_an_error_that_suggests_strip_prefix(tmp_path: Path) -> None:
@@ -235,13 +250,13 @@ def test_lightning_deepspeed_checkpoint_directory_is_refused(tmp_path: Path) -> 
     assert "DeepSpeed ZeRO" in result.stderr and "zero_to_fp32.py" in result.stderr
 
 
-def test_distributed_checkpoint_directory_is_refused(tmp_path: Path) -> None:
+def test_corrupt_distributed_checkpoint_metadata_is_a_clean_error(tmp_path: Path) -> None:
     dcp = tmp_path / "step_100"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(b"x")
     (dcp / "__0_0.distcp").write_bytes(b"x")
     result = run_cli(dcp, "-o", tmp_path / "avg.pt", expect=1)
-    assert "dcp_to_torch" in result.stderr
+    assert result.stderr.startswith("Error: ") and ".metadata" in result.stderr  # read natively, and it is corrupt
 
 
 def test_zero3_placeholder_tensors_are_refused(tmp_path: Path) -> None:

@@ -603,18 +603,23 @@ def test_deeply_nested_metadata(tmp_path: Path, output: str) -> None:
 
 def test_state_dict_key_that_safetensors_cannot_hold(tmp_path: Path) -> None:
     """A tensor named `__metadata__` collides with the safetensors header's metadata entry:
-    refused with an error naming it, never written as a corrupt file."""
+    refused, for a file and for a directory output, with an error naming it and the fix, never
+    written as a corrupt file; a .pt output holds it."""
     for epoch in range(2):
         sd = {"w": torch.full((2,), float(epoch)), "__metadata__": torch.ones(2)}
         torch.save({"state_dict": sd, "epoch": epoch}, tmp_path / f"epoch={epoch}.pt")
-    out = tmp_path / "avg.safetensors"
-    result = run_cli(tmp_path / "epoch=0.pt", tmp_path / "epoch=1.pt", "-o", out, expect=None)
+    inputs = (tmp_path / "epoch=0.pt", tmp_path / "epoch=1.pt")
     TRIED["__metadata__ key"] = 1
-    if result.exit_code == 0:
-        assert sorted(load_file(out)) == ["__metadata__", "w"], "the output is not a valid safetensors file"
-    else:
-        assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "__metadata__" in result.stderr
+    for out in (tmp_path / "avg.safetensors", tmp_path / "avg"):
+        result = run_cli(*inputs, "-o", f"{out}/" if out.suffix == "" else out, expect=1)
+        assert result.stderr == (
+            f"Error: {inputs[1]}: a tensor named '__metadata__' cannot be stored in safetensors;"
+            " write a .pt output instead\n"
+        )
         assert not out.exists() and leftovers(tmp_path) == []
+    run_cli(*inputs, "-o", tmp_path / "avg.pt")
+    averaged = torch.load(tmp_path / "avg.pt", weights_only=True)["state_dict"]
+    assert torch.equal(averaged["__metadata__"], torch.ones(2)) and torch.equal(averaged["w"], torch.full((2,), 0.5))
 
 
 # ---------------------------------------------------------------- random mutations

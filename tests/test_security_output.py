@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import leftovers, run_cli
+from conftest import leftovers, make_run, run_cli
 from safetensors.torch import load_file, save_file
 
 from ckpt_avg.errors import OutputError
@@ -35,9 +35,7 @@ from ckpt_avg.write import commit
 
 
 def _run(directory: Path, count: int = 3) -> None:
-    directory.mkdir(parents=True)
-    for epoch in range(count):
-        torch.save({"w": torch.randn(4, 4), "b": torch.randn(4)}, directory / f"epoch_{epoch}.pt")
+    make_run(directory, epochs=count)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

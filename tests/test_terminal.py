@@ -11,13 +11,11 @@ import sys
 import termios
 from pathlib import Path
 
-import torch
+from conftest import make_run
 
 
 def _checkpoints(directory: Path) -> None:
-    directory.mkdir()
-    for epoch in range(3):
-        torch.save({"w": torch.randn(256, 256)}, directory / f"epoch_{epoch}.pt")
+    make_run(directory, shapes={"w": (256, 256)})
 
 
 def _terminal() -> tuple[int, int]:

@@ -37,13 +37,13 @@ from .errors import CkptAvgError, OutputError, UsageError
 from .guard import OutputKind, check_output
 from .layout import Layout
 from .lazy import itemsize, leaf_numel
+from .options import parse_size
 from .report import Report
 from .write import (
     HEARTBEAT_SECONDS,
     OWNER_FILE,
     discard,
     heartbeat,
-    parse_size,
     plan_shards,
     read_owner,
     remove_stale_staging,

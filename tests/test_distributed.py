@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_one_file_under_several_ranks_suggests_a_size_that_gives_each_rank_a_fil
     output = str(tmp_path / "avg") + "/"
     with pytest.raises(UsageError) as refused:
         _prepare(inputs, output, Options(max_shard_size="1MB"), _ranks(world))
-    size = str(refused.value).split("--max-shard-size ")[-1].rstrip(")")
+    size = re.findall(r"e\.g\. --max-shard-size (\w+)\)", str(refused.value))[0]
     assert size == {2: "65KB", 3: "43KB", 8: "16KB"}[world]
     assert len(_prepare(inputs, output, Options(max_shard_size=size), _ranks(world)).plan.files) >= world
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -35,7 +36,7 @@ from .errors import CkptAvgError, OutputError, UsageError
 from .guard import OutputKind, check_output
 from .layout import Layout
 from .lazy import itemsize, leaf_numel
-from .options import Options
+from .options import Options, parse_size
 from .report import Report
 from .run import _batchnorm_refused, _report, _Run, _validate, run_engine
 from .write import (
@@ -43,6 +44,7 @@ from .write import (
     OWNER_FILE,
     discard,
     heartbeat,
+    plan_shards,
     read_owner,
     remove_stale_staging,
     staging_path_for,
@@ -269,7 +271,7 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
     if named not in (OutputKind.HF_DIRECTORY, OutputKind.DCP_DIRECTORY):
         raise UsageError(
             f"OUTPUT {output!r} is a single file, which one process writes; under {ranks.world} ranks write a"
-            " directory of shards: -o DIR/ --max-shard-size 5GB"
+            f" directory of shards: -o DIR/ --max-shard-size SIZE, SIZE at most the model's size / {ranks.world}"
         )
     run = _Run(inputs, options)
     kind = run.output_kind(named)
@@ -285,7 +287,8 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
     if plan.single:
         raise UsageError(
             f"{output}: the output is one file ({plan.files[0].nbytes} bytes), which one process writes; under"
-            f" {ranks.world} ranks give --max-shard-size so there are files to share (e.g. --max-shard-size 5GB)"
+            f" {ranks.world} ranks give --max-shard-size so there are files to share"
+            f" (e.g. --max-shard-size {shard_size_for(plan.entries, ranks.world)})"
         )
     if len(plan.files) < ranks.world:
         run.warnings.append(
@@ -293,6 +296,24 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
             " nothing to write (a smaller --max-shard-size makes more files)"
         )
     return _Prepared(run, layout, plan)
+
+
+def shard_size_for(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], world: int) -> str:
+    """A readable --max-shard-size that gives at least `world` files where the tensors allow:
+    about the data's size / world, rounded down, and halved while one tensor's size spoils it."""
+    total = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in entries.values())
+    size = readable_floor(max(1, total // world))
+    while len(plan_shards(entries, parse_size(size))) < world and parse_size(size) > 1:
+        size = readable_floor(max(1, parse_size(size) // 2))
+    return size
+
+
+def readable_floor(size: int) -> str:
+    """`size` bytes rounded down to whole units: 62_500 -> '62KB'."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= factor:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
 
 
 @contextlib.contextmanager

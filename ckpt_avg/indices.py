@@ -122,8 +122,10 @@ def mark_copies(
 ) -> list[Candidate]:
     """Candidates that share an index with another and hold the same tensor data become aliases.
 
-    Only the colliding candidates are read. Of a set of copies, the one whose name carries
-    the index stays; the rest are aliases, so selection skips them with a reason.
+    Only the colliding candidates are read. Of a set of copies, the end-of-epoch one stays
+    (icefall's `checkpoint-N.pt` saved on an epoch's last batch equals `epoch-E.pt`), then the
+    one whose name carries the most indices; the rest are aliases, so selection skips them
+    with a reason.
     """
     result = list(candidates)
     for kind in ("epoch", "step"):
@@ -168,11 +170,15 @@ def _alias_equal(
     for same in sets:
         if len(same) < 2:
             continue
-        same.sort(key=lambda p: (_name_index_count(result[p].ref), -result[p].ref.order), reverse=True)
+        same.sort(key=lambda p: _primary_rank(result[p]), reverse=True)
         for position in same[1:]:
             c = result[position]
             ref = dataclasses.replace(c.ref, name=dataclasses.replace(c.ref.name, is_alias=True))
             result[position] = Candidate(ref, c.epoch, c.step, c.metrics)
+
+
+def _primary_rank(c: Candidate) -> tuple[bool, int, int]:
+    return not c.mid_epoch, _name_index_count(c.ref), -c.ref.order
 
 
 def _name_index_count(ref: CheckpointRef) -> int:

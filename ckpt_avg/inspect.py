@@ -61,9 +61,9 @@ from .report import human_size, terminal_safe
 from .run import _Run, _validate, parameter_count
 from .schedule import NOT_METRICS as _RATE_KEYS
 from .schedule import Rate, ScheduleStart, read_rate, schedule_start
-from .select import unindexed_found
+from .select import describe_order, unindexed_found
 from .sources import OpenedCheckpoint, content_meta
-from .statedict import dotted
+from .statedict import dotted, holds_lightning_swa_average
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,6 +122,7 @@ class Inspection:
     version: str
     by: str
     rows: list[Row]
+    order: str  # how the rows are ordered, in words (select.describe_order)
     state_dict_key: str | None
     float_tensors: int
     parameters: int
@@ -180,6 +181,7 @@ def inspect_checkpoints(
         raise CkptAvgError(f"band must be greater than 1, not {band}")
     run = _Run(inputs, options)
     run.open_selected()
+    run, options, swa_rows = _without_lightning_swa_average(run, inputs, options)
     layout = run.layout(OutputKind.SAFETENSORS)  # a flat output: only the chosen state dict
     assert run.choice is not None
     units = [u for u in layout.primary_units if u.kind == "float"]
@@ -192,6 +194,7 @@ def inspect_checkpoints(
     prev, last = weight_drift([u.leaves for u in units], chunk_elements=chunk_elements, progress=progress)
     rates = [read_rate(opened) for opened in run.selected_opened]
     rows = with_rates(_rows(run, layout.names[run.choice.primary], prev, last), rates)
+    rows = [replace(r, reason=swa_rows.get(r.path, r.reason)) for r in rows]
     inspected = [r for r in rows if r.inspected]
     labels = [_label(run.plan.by, row, t) for t, row in enumerate(inspected)]
     schedule = schedule_start(rates, labels)
@@ -199,13 +202,11 @@ def inspect_checkpoints(
     if unindexed_found(run.plan):
         # Never a silent order: drift and rates between names in natural order say nothing about the run.
         schedule = ScheduleStart(None, "", "")
-        drift_position, note = (
-            None,
-            (
-                "the checkpoints carry no epoch or step in their names or contents, so they have no order"
-                " to suggest a start in (rename them with their epoch, or choose one with --by epoch|step)"
-            ),
-        )
+        drift_position, note = None, (
+            "the checkpoints carry no epoch or step in their names or contents, so they have no order"
+            " to suggest a start in (name the files one by one in the order you mean, or rename them with"
+            " their epoch)"
+        )  # fmt: skip
 
     def suggest(position: int, rule: str, reason: str) -> Suggestion:
         differing = differing_integers(layout.primary_units, position, chunk_elements)
@@ -220,11 +221,37 @@ def inspect_checkpoints(
 
     suggestion, alternative, note = _choose(schedule, drift_position, note, suggest)
     return Inspection(
-        version=__version__, by=run.plan.by, rows=rows, state_dict_key=dotted(run.choice.primary),
-        float_tensors=len(units), parameters=parameter_count(layout), band=band,
-        suggestion=suggestion, note=note, warnings=list(run.warnings), schedule=schedule.reason,
+        version=__version__, by=run.plan.by, order=describe_order(run.plan), rows=rows,
+        state_dict_key=dotted(run.choice.primary), float_tensors=len(units), parameters=parameter_count(layout),
+        band=band, suggestion=suggestion, note=note, warnings=list(run.warnings), schedule=schedule.reason,
         alternative=alternative,
     )  # fmt: skip
+
+
+def _without_lightning_swa_average(
+    run: _Run, inputs: Sequence[str], options: Options
+) -> tuple[_Run, Options, dict[str, str]]:
+    """The run again with `--end E-1` where the last epoch E holds Lightning's SWA average.
+
+    That checkpoint is no epoch of the run: as the drift's reference, and with its lr, it would
+    skew the analysis, and the suggested command must leave it out. Returns the reason shown
+    in its row, by path.
+    """
+    last = run.selected_opened[-1]
+    if run.plan.by != "epoch" or options.select.end is not None or not holds_lightning_swa_average(last.tree):
+        return run, options, {}
+    end = int(last.tree["epoch"]) - 1
+    narrowed = replace(options, select=replace(options.select, end=end))
+    try:
+        again = _Run(inputs, narrowed)
+        again.open_selected()
+    except CkptAvgError:
+        return run, options, {}  # nothing else to inspect: keep it, with the warning
+    again.warnings.append(
+        f"{last.ref.display} holds Lightning's SWA average, not one epoch's weights: left out of the"
+        f" analysis, and the suggested command leaves it out with --end {end}"
+    )
+    return again, narrowed, {last.ref.display: f"Lightning's SWA average, not an epoch (--end {end})"}
 
 
 def _choose(
@@ -677,7 +704,7 @@ def _align(rows: list[list[str]], numeric: set[int]) -> str:
 def _footer(inspection: Inspection, shown: int) -> list[str]:
     total = len({name for row in inspection.rows for name in row.metrics})
     lines = [
-        f"{len(inspection.inspected)} checkpoint(s) inspected, ordered by {inspection.by};"
+        f"{len(inspection.inspected)} checkpoint(s) inspected, {inspection.order};"
         f" state dict: {inspection.state_dict_key}, {inspection.float_tensors} float tensors,"
         f" {inspection.parameters:,} parameters"
         + (f"; {total - shown} more metric(s) in --json" if total > shown else ""),

@@ -37,6 +37,7 @@ class Report:
     by: str
     candidates: list[CandidateRecord]
     dry_run: bool = False
+    order: str = ""  # how the checkpoints are ordered, in words (select.describe_order)
     state_dict_key: str | None = None
     other_state_dicts: list[str] = field(default_factory=list)
     output: str | None = None
@@ -134,10 +135,7 @@ def plan_table(report: Report) -> str:
     ]
     lines = [line.rstrip() for line in lines]
     chosen = len(report.selected)
-    order = {
-        "order": "in the order given, names in natural order (no epoch or step)",
-        "save": "ordered by save count (accelerate's checkpoint_N)",
-    }.get(report.by, f"ordered by {report.by}")
+    order = report.order or f"ordered by {report.by}"
     lines.append(f"{chosen} of {len(report.candidates)} checkpoint(s) selected, {order}")
     if report.state_dict_key is not None:
         others = f"; also found: {', '.join(report.other_state_dicts)}" if report.other_state_dicts else ""

@@ -27,7 +27,7 @@ from .modules import pickled_modules
 from .naming import PYTORCH_SUFFIXES
 from .options import Options
 from .report import CandidateRecord, FileRecord, Report
-from .select import Candidate, SelectOptions, make_plan, refuse_unindexed_order, validate_options
+from .select import Candidate, SelectOptions, describe_order, make_plan, refuse_unindexed_order, validate_options
 from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .torchfile import UnsupportedTensor
@@ -378,10 +378,11 @@ class _Run:
         return Report(
             version=__version__,
             by=self.plan.by,
+            order=describe_order(self.plan),
             candidates=records,
             dry_run=dry_run,
             state_dict_key=dotted(self.choice.primary) if self.choice else None,
-            other_state_dicts=[dotted(p) for p in self.choice.others] if self.choice else [],
+            other_state_dicts=[dotted(p) for p in (*self.choice.others, *self.choice.listed)] if self.choice else [],
             warnings=list(self.warnings),
         )
 

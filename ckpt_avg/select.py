@@ -15,6 +15,7 @@ from .discover import CheckpointRef
 from .errors import SelectionError, UsageError
 
 _LOWER_IS_BETTER = ("loss", "err", "ppl", "perplexity", "wer", "cer", "mse", "mae", "rmse", "nll")
+_OTHER_INDEX = {"epoch": "step", "step": "epoch"}
 _HIGHER_IS_BETTER = ("acc", "f1", "bleu", "auc", "precision", "recall", "score", "map", "iou", "top1", "top5")
 
 
@@ -52,6 +53,9 @@ class SelectOptions:
     best: int | None = None
     metric: str | None = None
     mode: str | None = None
+    # Every input, in the order given, no selection: `verify --recompute` averages exactly the
+    # recorded inputs (or the files given in their place) in the recorded order.
+    as_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ def metric_mode(metric: str, mode: str | None) -> str:
 def make_plan(candidates: Sequence[Candidate], options: SelectOptions) -> Plan:
     """Order the candidates by their index and apply the selection options."""
     validate_options(options)
+    if options.as_given:
+        return Plan("order", tuple(PlanEntry(c, None) for c in sorted(candidates, key=lambda c: c.ref.order)))
     regular = [c for c in candidates if not c.is_alias]
     aliases = [c for c in candidates if c.is_alias]
     by, skipped = _index_kind(regular or aliases, options.by)
@@ -170,10 +176,9 @@ def _index_kind(candidates: list[Candidate], by: str | None) -> tuple[str, list[
                 f" to average these very files, name them: ckpt-avg {names} -o OUTPUT"
             )
         return "order", []
+    choose = "the index with --by epoch|step" if not by else f"the other index with --by {_OTHER_INDEX[by]}"
     raise SelectionError(
-        "cannot order the checkpoints: "
-        + "; ".join(problems)
-        + (". Choose the index with --by epoch|step, or narrow the inputs with --glob" if not by else "")
+        f"cannot order the checkpoints: {'; '.join(problems)}. Choose {choose}, or narrow the inputs with --glob"
     )
 
 
@@ -190,12 +195,26 @@ def refuse_unindexed_order(plan: Plan, options: Sequence[str]) -> None:
     if not found or not options or len(plan.entries) < 2:
         return  # one checkpoint is in order
     names = ", ".join(c.ref.display for c in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    # No suggestion of --by: an order plan means no candidate carries an epoch or step to choose.
     raise SelectionError(
         f"{' and '.join(options)} {'needs' if len(options) == 1 else 'need'} an order, but {names} carry no epoch"
         " or step in their names or contents;"
-        " name the files one by one in the order you mean, rename them with their epoch (epoch_3.pt),"
-        " or choose the index with --by epoch|step"
+        " name the files one by one in the order you mean, or rename them with their epoch (epoch_3.pt)"
     )
+
+
+def describe_order(plan: Plan) -> str:
+    """How the plan orders the checkpoints, in words: which of the order rules applies."""
+    if plan.by == "save":
+        return "ordered by save count (accelerate's checkpoint_N)"
+    if plan.by != "order":
+        return f"ordered by {plan.by}"
+    named = {e.candidate.ref.explicit for e in plan.entries if e.selected}
+    if named == {True}:
+        return "in the order given on the command line (no epoch or step)"
+    if named == {False}:
+        return "in natural order of their names (no epoch or step)"
+    return "files named one by one in the order given, those found in a directory or glob in natural order"
 
 
 def _superseded_mid_epoch(candidates: list[Candidate]) -> list[tuple[Candidate, str]]:

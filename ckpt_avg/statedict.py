@@ -9,7 +9,7 @@ Lightning's `current_model_state`) and are averaged too when the output keeps st
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import CheckpointError, UsageError
@@ -76,6 +76,9 @@ class StateDictChoice:
     primary: Path  # () when the checkpoint is itself a flat state dict
     others: tuple[Path, ...]
     warning: str | None = None
+    # Found and shown in the plan, never averaged: they sit inside training state (Lightning's
+    # SWA average under `callbacks`), which an output leaves out.
+    listed: tuple[Path, ...] = ()
 
 
 def is_state_dict(node: Any) -> bool:
@@ -112,6 +115,27 @@ def get_path(tree: Any, path: Path) -> Any:
 
 def find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoice:
     """Which state dict to average, and which others (EMA) the checkpoint also holds."""
+    choice = _find_state_dicts(tree, key=key, where=where)
+    listed = tuple(p for p in _callback_state_dicts(tree) if p != choice.primary)
+    return replace(choice, listed=listed) if listed else choice
+
+
+def _callback_state_dicts(tree: Any) -> list[Path]:
+    """Lightning's StochasticWeightAveraging keeps its running average in the callback's state."""
+    callbacks = tree.get("callbacks") if isinstance(tree, Mapping) else None
+    if not isinstance(callbacks, Mapping):
+        return []
+    return [
+        ("callbacks", name, "average_model_state")
+        for name, state in callbacks.items()
+        if isinstance(name, str)
+        and name.startswith("StochasticWeightAveraging")
+        and isinstance(state, Mapping)
+        and is_state_dict(state.get("average_model_state"))
+    ]
+
+
+def _find_state_dicts(tree: Any, *, key: str | None, where: str) -> StateDictChoice:
     if key is not None:
         chosen = _chosen(tree, tuple(key.split(".")), where)
         found = _top_level_state_dicts(tree)

@@ -311,19 +311,20 @@ def _batchnorm_buffers(layers: list[str], names: set[str]) -> list[str]:
 
 
 def recorded_options(provenance: dict[str, Any], *, trust_pickle: bool, allow_global: tuple[str, ...]) -> Any:
-    """The averaging options the provenance records, as `Options` (selection: only `by`).
+    """The averaging options the provenance records, as `Options`.
 
-    Never the BatchNorm recompute: `--bn-model`/`--bn-data` name code to import and call,
-    and a provenance is only as trustworthy as the file that carries it.
+    No selection: the inputs are averaged as given, in the recorded order, so files given in
+    place of the recorded ones need no index in their names. Never the BatchNorm recompute:
+    `--bn-model`/`--bn-data` name code to import and call, and a provenance is only as
+    trustworthy as the file that carries it.
     """
     from .options import Options
     from .select import SelectOptions
 
     options = provenance.get("options") or {}
-    by = provenance.get("by")
     weights = options.get("weights")
     return Options(
-        select=SelectOptions(by=by if by in ("epoch", "step") else None),
+        select=SelectOptions(as_given=True),
         key=".".join(provenance.get("state_dict") or ()) or None,
         strip_prefix=tuple(options.get("strip_prefix") or ()),
         weights=tuple(float(w) for w in weights) if weights else None,

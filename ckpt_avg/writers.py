@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -346,8 +345,9 @@ def finalize_directory(
         index_sha256 = _write_index(staging, plan.entries, shards, names, provenance, hashed)
         if index_sha256 is not None:
             sha256["model.safetensors.index.json"] = index_sha256
+    copied: dict[str, str] = {}  # name -> sha256 of the bytes as copied
     for source in plan.side_files:
-        problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging)
+        problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging, copied)
         if problem:
             warn(f"{source}: not copied into the output: {problem}")
     os.remove(os.path.join(staging, TEMP_MARKER))  # OUTPUT holds only what ckpt-avg writes there
@@ -356,6 +356,9 @@ def finalize_directory(
     written = [os.path.join(plan.output, f.name) for f in plan.files]
     if not plan.single:
         written.append(os.path.join(plan.output, "model.safetensors.index.json"))
+    written += [os.path.join(plan.output, name) for name in copied]
+    if hashed:
+        sha256.update(copied)
     return Written(written, digests, sha256={os.path.join(plan.output, n): d for n, d in sha256.items()})
 
 
@@ -396,8 +399,10 @@ def _side_files(layout: Layout) -> tuple[str, ...]:
     return tuple(os.path.join(source, name) for name in sorted(os.listdir(source)) if name in HF_SIDE_FILES)
 
 
-def copy_side_file(source: str, name: str, directory: str) -> str:
+def copy_side_file(source: str, name: str, directory: str, copied: dict[str, str] | None = None) -> str:
     """Copy `source/name` into `directory` if it is a regular file in `source`; else say why not.
+
+    `copied[name]` gets the sha256 of the bytes as they were copied (the source may change after).
 
     A symbolic link is never followed (it could point at /proc/self/environ or a key file,
     whose contents would then sit in an output that is shared), nor is anything that is
@@ -427,8 +432,13 @@ def copy_side_file(source: str, name: str, directory: str) -> str:
                 " directory; copy it yourself if it is meant)"
             )
         mode = stat.S_IMODE(opened.st_mode) & 0o644
+        digest = hashlib.sha256()
         with _new_file(os.path.join(directory, name), mode) as out:
-            shutil.copyfileobj(file, out)
+            while block := file.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+    if copied is not None:
+        copied[name] = digest.hexdigest()
     return ""
 
 

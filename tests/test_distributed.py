@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -119,6 +120,22 @@ def test_single_file_output_under_several_ranks_is_a_usage_error(llama70b: list[
         _prepare(llama70b, str(tmp_path / "avg.safetensors"), Options(), _ranks(2))
     with pytest.raises(UsageError, match=r"one file .* give --max-shard-size"):
         _prepare(llama70b, str(tmp_path / "avg") + "/", Options(), _ranks(2))
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_one_file_under_several_ranks_suggests_a_size_that_gives_each_rank_a_file(tmp_path: Path, world: int) -> None:
+    # A user trial: a 125 KB model with --max-shard-size 1MB was told to try 5GB.
+    entries: Entries = {f"layer.{i}.weight": (torch.float32, (64, 64)) for i in range(8)}  # 8 x 16 KB
+    inputs = []
+    for k in range(2):
+        sparse_safetensors(tmp_path / f"step_{k}.safetensors", entries)
+        inputs.append(str(tmp_path / f"step_{k}.safetensors"))
+    output = str(tmp_path / "avg") + "/"
+    with pytest.raises(UsageError) as refused:
+        _prepare(inputs, output, Options(max_shard_size="1MB"), _ranks(world))
+    size = re.findall(r"e\.g\. --max-shard-size (\w+)\)", str(refused.value))[0]
+    assert size == {2: "65KB", 3: "43KB", 8: "16KB"}[world]
+    assert len(_prepare(inputs, output, Options(max_shard_size=size), _ranks(world)).plan.files) >= world
 
 
 def test_bn_recompute_under_several_ranks_is_a_usage_error(llama70b: list[str], tmp_path: Path) -> None:

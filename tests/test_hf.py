@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,20 @@ def test_trainer_directories_average_to_a_loadable_model(trainer_run: Path, tmp_
     model = transformers.GPT2LMHeadModel.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, averaged["transformer.wte.weight"])
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, averaged["transformer.h.1.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("shard", [[], ["--max-shard-size", "30KB"]])
+def test_json_files_list_every_file_written_with_its_sha256(
+    trainer_run: Path, tmp_path: Path, shard: list[str]
+) -> None:
+    # SPEC 1.9: the sha256 of each file written, the copied config files among them.
+    out = tmp_path / "avg"
+    report = json.loads(run_cli(trainer_run, "-o", f"{out}/", "--json", *shard).stdout)
+    listed = {os.path.basename(f["path"]): f["sha256"] for f in report["files"]}
+    assert sorted(listed) == sorted(os.listdir(out))
+    assert {"config.json", "generation_config.json", "vocab.json"} <= set(listed)
+    for name, digest in listed.items():
+        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
 
 
 def test_sharded_output_writes_an_index_that_from_pretrained_reads(trainer_run: Path, tmp_path: Path) -> None:

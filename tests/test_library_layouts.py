@@ -52,11 +52,17 @@ def test_twelve_unindexed_names_from_a_glob_refuse_last_3(tmp_path: Path) -> Non
     out = tmp_path / "avg.safetensors"
     result = run_cli("--last", "3", str(tmp_path / "*.safetensors"), "-o", out, expect=1)
     assert result.stderr.startswith("Error: --last needs an order, but ")
-    assert "rename them with their epoch" in result.stderr and "--by" in result.stderr
+    assert "name the files one by one" in result.stderr and "rename them with their epoch" in result.stderr
+    assert "--by" not in result.stderr  # no candidate carries an epoch or step: --by cannot help
     assert not out.exists()
     for option in (["--ema", "0.9"], ["--weights", ",".join(["1"] * 12)], ["--start", "3"], ["--end", "4"]):
         run_cli(*option, tmp_path, "-o", out, expect=1)
     assert not out.exists()
+    footer = "12 of 12 checkpoint(s) selected, in natural order of their names (no epoch or step)"
+    assert footer in run_cli("--dry-run", tmp_path).stdout
+    inspected = CliRunner().invoke(inspect_command, [str(tmp_path)], catch_exceptions=False).stdout
+    assert "12 checkpoint(s) inspected, in natural order of their names (no epoch or step)" in inspected
+    assert "ordered by order" not in inspected and "--by" not in inspected
 
 
 def test_unindexed_names_without_an_order_option_average_all_in_natural_order(tmp_path: Path) -> None:
@@ -222,6 +228,50 @@ def test_icefall_batch_checkpoints_by_glob(tmp_path: Path) -> None:
     chosen = [line.split()[-3] for line in result.stdout.splitlines() if line.startswith("*")]
     assert [os.path.basename(p) for p in chosen] == ["checkpoint-18000.pt", "checkpoint-20000.pt"]
     assert "ordered by step" in result.stdout
+
+
+def icefall_run_saving_the_last_batch(directory: Path) -> list[dict[str, torch.Tensor]]:
+    """As icefall's recipes with save_every_n=5 and 6 batches an epoch: batch 30 is the last
+    of epoch 5, so `checkpoint-30.pt` holds the very weights that `epoch-5.pt` then saves."""
+    directory.mkdir()
+    ends = []
+    for epoch in range(1, 6):
+        for batch in range(6 * epoch - 5, 6 * epoch + 1):
+            if batch % 5 == 0:  # the model after `batch` batches is tiny_model(batch)
+                _icefall_save(directory / f"checkpoint-{batch}.pt", tiny_model(batch), epoch, batch)
+        model = tiny_model(6 * epoch)
+        _icefall_save(directory / f"epoch-{epoch}.pt", model, epoch, 6 * epoch)
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    return ends
+
+
+def test_icefall_batch_checkpoint_on_an_epochs_last_batch_is_the_copy(tmp_path: Path) -> None:
+    # A user trial: equal data made epoch-5.pt the copy of checkpoint-30.pt, the end-of-epoch
+    # rule lost its file, and --last 3 silently averaged epoch-4, checkpoint-25, checkpoint-30.
+    inputs = icefall_run_saving_the_last_batch(tmp_path / "exp")
+    out = tmp_path / "avg.pt"
+    run_cli("--last", "3", tmp_path / "exp", "-o", out)
+    assert_average_of(torch.load(out, weights_only=False)["model"], inputs[-3:])
+    for by in ([], ["--by", "epoch"]):
+        plan = run_cli(*by, "--last", "3", tmp_path / "exp", "--dry-run").stdout
+        chosen = [os.path.basename(line.split()[-3]) for line in plan.splitlines() if line.startswith("*")]
+        assert chosen == ["epoch-3.pt", "epoch-4.pt", "epoch-5.pt"]
+        assert "ordered by epoch" in plan
+        copy = next(line for line in plan.splitlines() if "checkpoint-30.pt" in line)
+        assert "alias of the checkpoint with epoch 5" in copy
+
+
+def test_by_epoch_collision_names_the_files_and_suggests_by_step_or_glob(tmp_path: Path) -> None:
+    # Two of icefall's batch checkpoints in epoch 2 and no epoch-2.pt (training stopped mid-epoch).
+    (tmp_path / "exp").mkdir()
+    _icefall_save(tmp_path / "exp" / "epoch-1.pt", tiny_model(1), 1, 6)
+    _icefall_save(tmp_path / "exp" / "checkpoint-8.pt", tiny_model(8), 2, 8)
+    _icefall_save(tmp_path / "exp" / "checkpoint-10.pt", tiny_model(10), 2, 10)
+    result = run_cli("--by", "epoch", "--last", "2", tmp_path / "exp", "-o", tmp_path / "avg.pt", expect=1)
+    assert "epoch 2 is shared by" in result.stderr
+    assert "checkpoint-8.pt" in result.stderr and "checkpoint-10.pt" in result.stderr
+    assert "--by step" in result.stderr and "--glob" in result.stderr
+    assert not (tmp_path / "avg.pt").exists()
 
 
 # --- NeMo (nemo/utils/exp_manager.py: NeMoModelCheckpoint over Lightning's ModelCheckpoint) ----

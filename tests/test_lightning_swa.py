@@ -7,14 +7,19 @@ keeps a float32 running mean, so the match is to float32 rounding, not bit for b
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from safetensors.torch import load_file
+
+from ckpt_avg.inspect_cli import inspect_command
 
 SWA_START, MAX_EPOCHS = 6, 10
 
@@ -109,3 +114,46 @@ def test_the_extra_batchnorm_epoch_holding_lightnings_average_is_named(
     assert "SWA average" not in run_cli("--dry-run", tmp_path / "ckpts", "--end", "3").stderr
     raw_run, _ = swa_run
     assert "SWA average" not in run_cli("--dry-run", raw_run).stderr  # no BatchNorm: no extra epoch
+
+
+def test_inspect_leaves_lightnings_swa_average_out_of_its_analysis_and_its_suggestion(tmp_path: Path) -> None:
+    # A user trial: inspect warned that epoch=6 holds the SWA average, then used it as the drift's
+    # reference and its lr, and suggested a --start whose command averaged it in again.
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    trainer = L.Trainer(
+        max_epochs=6,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, filename="{epoch}"),
+            StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(BatchNormRegressor(), data)
+    result = CliRunner().invoke(inspect_command, ["--json", str(tmp_path / "ckpts")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    inspection = json.loads(result.stdout)
+    rows = {Path(r["path"]).name: r for r in inspection["rows"]}
+    assert not rows["epoch=6.ckpt"]["inspected"] and "SWA average" in rows["epoch=6.ckpt"]["reason"]
+    assert all(rows[f"epoch={e}.ckpt"]["inspected"] for e in range(6))
+    assert rows["epoch=5.ckpt"]["drift_last"] == 0  # the reference is the last epoch, not the average
+    command = shlex.split(inspection["suggestion"]["command"])
+    assert command[command.index("--end") + 1] == "5"
+    assert any("epoch=6.ckpt holds Lightning's SWA average" in w for w in inspection["warnings"])
+
+
+def test_lightnings_own_swa_average_is_listed_among_the_state_dicts_found(
+    swa_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ckpts, _ = swa_run
+    found = "callbacks.StochasticWeightAveraging.average_model_state"
+    plan = run_cli("--dry-run", "--last", "3", ckpts).stdout
+    assert f"state dict: state_dict; also found: {found}" in plan
+    out = tmp_path / "avg.ckpt"
+    report = json.loads(run_cli("--json", "--last", "3", ckpts, "-o", out).stdout)
+    assert report["other_state_dicts"] == [found]
+    assert "callbacks" not in torch.load(out, weights_only=True)  # listed, never averaged into the output

@@ -9,7 +9,7 @@ import pytest
 from ckpt_avg.discover import CheckpointRef
 from ckpt_avg.errors import SelectionError, UsageError
 from ckpt_avg.naming import parse_name
-from ckpt_avg.select import Candidate, Plan, SelectOptions, make_plan
+from ckpt_avg.select import Candidate, Plan, SelectOptions, describe_order, make_plan
 
 
 def candidates(
@@ -258,6 +258,11 @@ def test_found_files_without_index_are_all_averaged_in_discovery_order() -> None
     plan = make_plan(candidates(["a.pt", "b.pt"], explicit=False), SelectOptions())
     assert plan.by == "order"
     assert selected_names(plan) == ["a.pt", "b.pt"]
+    assert describe_order(plan) == "in natural order of their names (no epoch or step)"
+    mixed = candidates(["a.pt", "b.pt"], explicit=False) + candidates(["c.pt"], explicit=True)
+    assert describe_order(make_plan(mixed, SelectOptions())) == (
+        "files named one by one in the order given, those found in a directory or glob in natural order"
+    )
 
 
 @pytest.mark.parametrize(
@@ -294,6 +299,7 @@ def test_explicit_files_without_index_keep_command_line_order() -> None:
     plan = make_plan(candidates(names, explicit=True), SelectOptions())
     assert plan.by == "order"
     assert selected_names(plan) == names
+    assert describe_order(plan) == "in the order given on the command line (no epoch or step)"
     assert selected_names(make_plan(candidates(names, explicit=True), SelectOptions(last=2))) == names[1:]
 
 

@@ -114,6 +114,33 @@ def test_inputs_given_from_another_checkout_match_by_position(tmp_path: Path, ru
     assert [line.split(":")[0] for line in mismatch_lines(result)] == [str(copies[1]), str(copies[0])]
 
 
+def test_recompute_averages_the_inputs_given_by_position_without_selecting(tmp_path: Path) -> None:
+    # A user trial: safetensors copies named a/b/c were re-selected (--last 3) and "cannot order"
+    # failed. EMA weights make the order matter: the recorded order and weights must be used.
+    (tmp_path / "run").mkdir()
+    recorded = [tmp_path / "run" / f"epoch_{k}.safetensors" for k in range(3)]
+    for k, path in enumerate(recorded):
+        save_file({"w": torch.randn(8, 4, generator=torch.Generator().manual_seed(k))}, path)
+    output = tmp_path / "avg.safetensors"
+    average_checkpoints([str(tmp_path / "run")], str(output), last=3, ema=0.5)
+    unindexed = [tmp_path / f"{name}.safetensors" for name in "abc"]
+    misleading = [tmp_path / f"epoch_{9 - k}.safetensors" for k in range(3)]  # names that order the other way
+    for copies in (unindexed, misleading):
+        for source, copy in zip(recorded, copies, strict=True):
+            shutil.copyfile(source, copy)
+        result = run_verify("--recompute", output, *copies, expect=0)
+        assert "average re-derived from the recorded inputs and options" in result.stderr
+    # EMA 0.5 weighs the first two alike and the last twice as much: swap the last two.
+    result = run_verify("--recompute", output, unindexed[0], unindexed[2], unindexed[1], expect=1)
+    assert mismatch_lines(result) == [
+        f"{unindexed[2]}: tensor digest differs from the one recorded for input #2;"
+        f" it is recorded input #3 ({recorded[2]}): swapped?",
+        f"{unindexed[1]}: tensor digest differs from the one recorded for input #3;"
+        f" it is recorded input #2 ({recorded[1]}): swapped?",
+        f"{output}: re-derived average: tensor 'w' differs from the recorded digest",
+    ]
+
+
 def _rewrite_provenance(path: Path, change: dict[str, object]) -> None:
     """A safetensors output with the same tensors and an edited provenance."""
     with safe_open(str(path), "pt") as f:

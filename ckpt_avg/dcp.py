@@ -743,6 +743,30 @@ def _same_index(a: Any, b: Any) -> bool:
 
 # Top-level entries whose items are not unpickled (optimizer state, dropped from every output).
 _DROPPED_TOP = frozenset({"optim", "optimizer", "optimizers", "optimizer_state", "optimizer_states"})
+# A param group's rate: `optimizer.param_groups.0.lr`, or per parameter as get_state_dict's
+# flatten_optimizer_state_dict (torchtitan) names it, `optimizer.param_groups.layers.0.weight.lr`.
+_RATE_NAME = re.compile(r"(?:.+\.)?param_groups\..+\.lr")
+
+
+def optimizer_rates(info: DcpCheckpoint) -> tuple[str, list[Any]]:
+    """The stored `lr` of every optimizer param group, in the order saved, and its top-level key.
+
+    Of the optimizer's items only these are read: a small non-tensor item through the strict
+    unpickler (no global allowed, whatever --trust-pickle says), or a tensor rate as it is.
+    """
+    top, found = "", list[Any]()
+    for name, path in info.paths.items():
+        if path[0] not in _DROPPED_TOP or not _RATE_NAME.fullmatch(name):
+            continue
+        top = str(path[0])
+        if name in info.tensors:
+            found.append(info.tensors[name])
+            continue
+        stored = info.items.get(name)
+        if stored:
+            value, placeholders = load_object_item(stored[0][1], PicklePolicy(), f"{info.directory}: {name!r}")
+            found.append(None if placeholders else value)
+    return top, found
 
 
 def _storage_index(metadata: _Metadata, where: str) -> dict[tuple[str, tuple[int, ...] | None], _StorageInfo]:

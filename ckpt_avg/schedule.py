@@ -5,7 +5,8 @@ data: an optimizer state dict's `param_groups[j]['lr']` (Lightning `optimizer_st
 a plain, torchvision, timm or mmengine `optimizer`, the PyTorch tutorial's
 `optimizer_state_dict`, fairseq's `last_optimizer_state`), else a scheduler's `_last_lr`
 (Lightning `lr_schedulers`, torchvision `lr_scheduler`), else a top-level `lr` number; for a
-Trainer directory, the last `learning_rate` in `trainer_state.json`'s `log_history`. (A
+Trainer directory, the last `learning_rate` in `trainer_state.json`'s `log_history`; for a
+DCP directory, its optimizer's `param_groups.*.lr` items (and nothing else of the optimizer). (A
 tensor-valued rate, which fused or capturable optimizers may hold, is the one element read.)
 
 Lightning steps epoch-interval schedulers before ModelCheckpoint saves, so its checkpoints
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .dcp import optimizer_rates
 from .jsonfile import read_json
 from .lazy import is_tensor_leaf, leaf_numel, read_leaf_range
 from .sources import OpenedCheckpoint
@@ -77,6 +79,10 @@ def same_rate(a: float, b: float) -> bool:
 
 def read_rate(opened: OpenedCheckpoint) -> Rate | None:
     """The learning rate stored with a checkpoint, or None when it holds none."""
+    if opened.dcp is not None:
+        key, values = optimizer_rates(opened.dcp)
+        rates = [r for r in (_number(v) for v in values) if r is not None]
+        return Rate(tuple(rates), key) if rates else None
     if opened.ref.is_directory:
         return trainer_state_rate(os.path.join(os.path.dirname(opened.ref.files[0]), "trainer_state.json"))
     tree = opened.tree

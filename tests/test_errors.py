@@ -15,7 +15,7 @@ from ckpt_avg.errors import API_NAMES, UsageError
 
 def test_api_names_are_the_options_a_flag_sets() -> None:
     fields = {f.name for f in dataclasses.fields(Options)} | {f.name for f in dataclasses.fields(SelectOptions)}
-    assert fields - API_NAMES == {"select", "hash_files", "budgets"}  # set by no flag of the same name
+    assert fields - API_NAMES == {"select", "hash_files", "budgets", "as_given"}  # set by no flag of the same name
     flags = {opt for param in main.params for opt in getattr(param, "opts", ())}
     assert {f"--{name.replace('_', '-')}" for name in API_NAMES} <= flags
 

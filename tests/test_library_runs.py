@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ def _mmengine_run(work_dir: Path, ema: bool) -> Path:
                        "logger": {"type": "LoggerHook", "interval": 100}},
         custom_hooks=[{"type": "EMAHook"}] if ema else [],
         log_level="ERROR",
+        # mmengine names its global scope after the start time to the second: two runners in
+        # one second (or one left by another test) would clash, and warn, without a name of their own.
+        experiment_name=f"ckpt_avg_{work_dir.name}_{uuid.uuid4().hex}",
     )  # fmt: skip
     runner.train()
     logging.getLogger("mmengine").handlers.clear()

@@ -37,10 +37,11 @@ from .write import (
     commit,
     discard,
     finish_file,
+    make_staging,
     open_temp,
     pickle_tree,
-    signals_deferred,
     temp_path_for,
+    unmark_temp_directory,
 )
 
 if TYPE_CHECKING:
@@ -386,16 +387,10 @@ def write_dcp(
     names = file_names(len(plan.sizes))
     temp = temp_path_for(output)
     files: list[OutputFile] = []
-    try:
-        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
-            os.mkdir(temp)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
-    except BaseException:
-        discard(temp)
-        raise
+    make_staging(temp, output)
     try:
         digests, sha256 = _fill(temp, plan, names, files, provenance_text, run, options.hash_files)
+        unmark_temp_directory(temp)
         commit(temp, output, force=options.force)
     except BaseException as exc:
         for file in files:

@@ -44,6 +44,7 @@ from .write import (
     OWNER_FILE,
     discard,
     heartbeat,
+    make_staging,
     plan_shards,
     read_owner,
     remove_stale_staging,
@@ -53,7 +54,6 @@ from .write import (
 from .writers import (
     DirectoryPlan,
     finalize_directory,
-    make_staging,
     ordered_visits,
     plan_directory,
     write_files,

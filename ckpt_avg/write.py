@@ -80,6 +80,11 @@ def mark_temp_directory(temp: str) -> None:
         f.write("a ckpt-avg temp directory: removed when its run ends\n")
 
 
+def unmark_temp_directory(temp: str) -> None:
+    """Remove the proof just before the rename: OUTPUT holds only what ckpt-avg writes there."""
+    os.remove(os.path.join(temp, TEMP_MARKER))
+
+
 def remove_stale_temps(final_path: str) -> None:
     """Delete what a killed run left beside OUTPUT (its process is gone), only where it is provably ours.
 
@@ -735,3 +740,20 @@ def copy_leaf(writer: PtWriter, storage: OutStorage, leaf: TensorLeaf) -> None:
     tensor = load_leaf(leaf).contiguous()
     writer.begin_storage(storage.key, tensor.numel() * tensor.element_size())
     writer.write(storage.key, tensor.reshape(-1))
+
+
+def make_staging(path: str, output: str) -> None:
+    """Create the directory the files are written into before they are published, marked as ours."""
+    try:
+        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
+            os.mkdir(path)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
+    except BaseException:
+        discard(path)
+        raise
+    try:
+        mark_temp_directory(path)
+    except BaseException:
+        discard(path)
+        raise

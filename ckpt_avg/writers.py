@@ -29,7 +29,6 @@ from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
 from .write import (
-    TEMP_MARKER,
     OutputFile,
     OutStorage,
     OutTensor,
@@ -42,13 +41,14 @@ from .write import (
     discard,
     finish_file,
     fsync_path,
-    mark_temp_directory,
+    make_staging,
     open_temp,
     pickle_tree,
     plan_shards,
     shard_file_names,
     signals_deferred,
     temp_path_for,
+    unmark_temp_directory,
 )
 from .written import Runner, Written
 
@@ -262,23 +262,6 @@ def _data_bytes(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], name
     return sum(math.prod(entries[n][1]) * itemsize(entries[n][0]) for n in names)
 
 
-def make_staging(path: str, output: str) -> None:
-    """Create the directory the files are written into before they are published."""
-    try:
-        with signals_deferred():  # a Ctrl-C here must not leave an untracked temp directory
-            os.mkdir(path)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write the output here: {exc.strerror}") from None
-    except BaseException:
-        discard(path)
-        raise
-    try:
-        mark_temp_directory(path)
-    except BaseException:
-        discard(path)
-        raise
-
-
 def write_files(
     plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool = False
 ) -> tuple[Digests, dict[str, str]]:
@@ -350,7 +333,7 @@ def finalize_directory(
         problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging, copied)
         if problem:
             warn(f"{source}: not copied into the output: {problem}")
-    os.remove(os.path.join(staging, TEMP_MARKER))  # OUTPUT holds only what ckpt-avg writes there
+    unmark_temp_directory(staging)
     fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
     commit(staging, plan.output, force=force)
     written = [os.path.join(plan.output, f.name) for f in plan.files]

@@ -5,6 +5,8 @@ one whole-tensor chunk, inside a `.distcp` file, as `FileSystemWriter` writes th
 averaged bytes go straight to their place in the file as the kernel produces them; each
 archive's headers (which carry the data's CRC-32) are written once its data is complete.
 `.metadata` is written last, by DCP's own dataclasses, so `dcp.load` and torchtitan read it.
+The plan is known before any tensor is read, so under torchrun each rank writes its share of
+the `.distcp` files and one rank writes `.metadata` and publishes.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
 import pickle
-import shutil
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,20 +31,21 @@ from .guard import DCP_SIDE_FILES as SIDE_FILES
 from .guard import PROVENANCE_RECORD
 from .lazy import itemsize
 from .options import parse_size
+from .provenance import provenance_text
+from .sidefiles import copy_side_file
 from .statedict import TRAINING_STATE_NAMES
 from .write import (
     OutputFile,
     OutStorage,
     OutTensor,
     commit,
-    discard,
     finish_file,
-    make_staging,
+    fsync_path,
     open_temp,
     pickle_tree,
-    temp_path_for,
     unmark_temp_directory,
 )
+from .written import ShardFile
 
 if TYPE_CHECKING:
     from .average import Digests, Unit
@@ -52,7 +55,6 @@ if TYPE_CHECKING:
     from .written import Runner, Written
 
 PROVENANCE_FILE = PROVENANCE_RECORD
-# Files beside the DCP data that Megatron's loader needs (plain copies from the last checkpoint).
 _ARCHIVE = "archive"
 _ALIGNMENT = 64
 _ZIP64_LIMIT = 0xFFFFFFFF
@@ -207,23 +209,47 @@ class _Entry:
     chunks: list[tuple[tuple[int, ...], tuple[int, ...], int, int, int, list[str]]] = field(default_factory=list)
 
 
-class _Plan:
-    def __init__(self, layout: Layout, max_bytes: int | None) -> None:
+class DcpPlan:
+    """A DCP output planned from metadata alone: each averaged tensor's archive and each item
+    copied from the last checkpoint at its place in its file (a `StagedPlan`).
+
+    Files are filled in order up to `--max-shard-size`, so the split does not depend on how
+    many processes write them; any process can write any file, and `.metadata`, which only
+    needs the places, is written last by the one that publishes.
+    """
+
+    def __init__(self, output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> None:
+        self.output = output
         self.layout = layout
+        self.provenance: dict[str, Any] = json.loads(json.dumps(provenance))
         self.info: DcpCheckpoint | None = layout.opened[-1].dcp
         self.sizes: list[int] = [0]
-        self.limit = max_bytes
+        self.limit = parse_size(options.max_shard_size) if options.max_shard_size else None
         self.placed: dict[int, _Placed] = {}
-        self.entries: list[_Entry] = []
+        self.items: list[_Entry] = []
         self.copies: list[tuple[int, int, Callable[[], bytes]]] = []  # (file, offset, bytes to write)
         self.dropped: list[str] = []
+        self._build()
+        names = file_names(len(self.sizes))
+        units = layout.names[layout.choice.primary]
+        held: list[list[str]] = [[] for _ in names]
+        for name, unit in units.items():  # a tied name goes with the archive it shares
+            held[self.placed[id(unit)].file].append(name)
+        self.files = tuple(
+            ShardFile(name, tuple(tensors), size) for name, tensors, size in zip(names, held, self.sizes, strict=True)
+        )
+        self.entries = {name: (unit.out_dtype, unit.shape) for name, unit in units.items()}
+
+    @property
+    def single(self) -> bool:
+        return len(self.files) == 1
 
     def _file_for(self, nbytes: int) -> int:
         if self.limit is not None and self.sizes[-1] > 0 and self.sizes[-1] + nbytes > self.limit:
             self.sizes.append(0)
         return len(self.sizes) - 1
 
-    def build(self) -> None:
+    def _build(self) -> None:
         units = self.layout.names[self.layout.choice.primary]
         averaged: set[tuple[Any, ...]] = set()
         for name, unit in units.items():
@@ -234,7 +260,7 @@ class _Plan:
             archive = placed.archive
             zeros = (0,) * len(unit.shape)
             entry.chunks.append((zeros, unit.shape, placed.file, archive.start, archive.length, []))
-            self.entries.append(entry)
+            self.items.append(entry)
         if self.info is not None:
             self._copy_others(averaged)
 
@@ -281,7 +307,7 @@ class _Plan:
                 entry.chunks.append(((), (), file, self.sizes[file], item.length, transforms))
                 self.copies.append((file, self.sizes[file], item.raw))
                 self.sizes[file] += item.length
-                self.entries.append(entry)
+                self.items.append(entry)
             elif fqn in info.objects:
                 self.dropped.append(f"{fqn} (holds an object that was not loaded)")
 
@@ -294,7 +320,89 @@ class _Plan:
             entry.chunks.append((chunk.offsets, chunk.sizes, file, start, length, []))
             self.copies.append((file, start, functools.partial(_chunk_archive, chunk, tensor.dtype, start)))
             self.sizes[file] += length
-        self.entries.append(entry)
+        self.items.append(entry)
+
+    def _side_files(self) -> list[str]:
+        if self.info is None:
+            return []
+        return [n for n in SIDE_FILES if os.path.lexists(os.path.join(self.info.directory, n))]
+
+    def fingerprint(self) -> str:
+        """A hash of the whole plan: ranks that disagree on it must not write one output."""
+        described = {
+            "output": self.output,
+            "files": [[f.name, list(f.tensors), f.nbytes] for f in self.files],
+            "metadata": hashlib.sha256(metadata_bytes(self)).hexdigest(),
+            "provenance": self.provenance,
+            "side_files": self._side_files(),
+            "input_sizes": [o.ref.size for o in self.layout.opened],
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+    def write(
+        self, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool
+    ) -> tuple[Digests, dict[str, str]]:
+        """The data files at `indices`: copied items first, then the averaged tensors streamed to
+        their places; each archive's headers are patched with its CRC-32 after its data, so a
+        file's sha256 is read back once it is complete."""
+        files: dict[int, OutputFile] = {}
+        try:
+            for index in indices:
+                files[index] = open_temp(os.path.join(staging, self.files[index].name), hashed=hashed)
+                files[index].truncate(self.sizes[index])
+            for file_index, offset, data in self.copies:
+                if file_index in files:
+                    files[file_index].pwrite(data(), offset)
+            sink = DcpSink(self, files)
+            digests = run(sink, True, [name for index in files for name in self.files[index].tensors])
+            sink.finish()
+            sha256: dict[str, str] = {}
+            for index, file in files.items():
+                digest = finish_file(file)
+                if digest is not None:
+                    sha256[self.files[index].name] = digest
+        except BaseException:
+            for file in files.values():
+                with contextlib.suppress(OSError):
+                    file.close()
+            raise
+        return digests, sha256
+
+    def finalize(
+        self,
+        staging: str,
+        digests: Digests,
+        sha256: dict[str, str],
+        *,
+        force: bool,
+        hashed: bool,
+        warn: Callable[[str], None],
+    ) -> Written:
+        """The provenance, the side files and `.metadata` (last), fsync, and publish by rename."""
+        from .written import Written
+
+        sha256 = dict(sha256)
+        text = provenance_text(self.provenance, digests, self.layout.primary_names)
+        _write_small(os.path.join(staging, PROVENANCE_FILE), (text + "\n").encode(), sha256 if hashed else None)
+        copied: dict[str, str] = {}
+        for name in self._side_files():
+            assert self.info is not None
+            problem = copy_side_file(self.info.directory, name, staging, copied)
+            if problem:
+                warn(f"{os.path.join(self.info.directory, name)}: not copied into the output: {problem}")
+        _write_small(os.path.join(staging, ".metadata"), metadata_bytes(self), sha256 if hashed else None)
+        unmark_temp_directory(staging)
+        fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
+        commit(staging, self.output, force=force)
+        if hashed:
+            sha256.update(copied)
+        names = [*(f.name for f in self.files), ".metadata", PROVENANCE_FILE, *copied]
+        written = [os.path.join(self.output, n) for n in names]
+        return Written(written, digests, self.dropped, {os.path.join(self.output, n): d for n, d in sha256.items()})
+
+
+def plan_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DcpPlan:
+    return DcpPlan(output, layout, provenance, options)
 
 
 def _chunk_archive(chunk: Any, dtype: torch.dtype, start: int) -> bytes:
@@ -311,7 +419,7 @@ def file_names(count: int) -> list[str]:
 class DcpSink:
     """Puts each averaged chunk at its place in its archive, keeping the archive's CRC-32."""
 
-    def __init__(self, plan: _Plan, files: list[OutputFile]) -> None:
+    def __init__(self, plan: DcpPlan, files: dict[int, OutputFile]) -> None:
         self.plan = plan
         self.files = files
 
@@ -327,6 +435,8 @@ class DcpSink:
 
     def finish(self) -> None:
         for placed in self.plan.placed.values():
+            if placed.file not in self.files:
+                continue  # another process writes that file
             archive, file = placed.archive, self.files[placed.file]
             file.pwrite(archive.head(placed.crc), archive.start)
             file.pwrite(archive.tail(placed.crc), archive.start + archive.data_offset + archive.nbytes)
@@ -335,7 +445,7 @@ class DcpSink:
 # ---------------------------------------------------------------- metadata
 
 
-def metadata_bytes(plan: _Plan, names: list[str]) -> bytes:
+def metadata_bytes(plan: DcpPlan) -> bytes:
     """DCP's own `Metadata`, pickled as `FileSystemWriter.finish` pickles it."""
     try:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -352,7 +462,8 @@ def metadata_bytes(plan: _Plan, names: list[str]) -> bytes:
     state: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
     planner: dict[str, tuple[Any, ...]] = {}
-    for entry in plan.entries:
+    names = [f.name for f in plan.files]
+    for entry in plan.items:
         planner[entry.fqn] = entry.path
         if entry.dtype is None:
             _, _, file, offset, length, transforms = entry.chunks[0]
@@ -368,73 +479,12 @@ def metadata_bytes(plan: _Plan, names: list[str]) -> bytes:
         state[entry.fqn] = TensorStorageMetadata(properties, torch.Size(entry.shape), chunks)
     metadata = Metadata(state, planner_data=planner, storage_data=storage, version="1.0.0")
     if plan.info is not None and plan.info.mcore_data:  # Megatron's loader looks its shapes up here
-        written = {entry.fqn for entry in plan.entries}
+        written = {entry.fqn for entry in plan.items}
         metadata.mcore_data = {k: v for k, v in plan.info.mcore_data.items() if k in written}  # type: ignore[attr-defined]
     return pickle.dumps(metadata)
 
 
 # ---------------------------------------------------------------- the output
-
-
-def write_dcp(
-    output: str, layout: Layout, provenance_text: Callable[[Digests | None], str], options: Options, run: Runner
-) -> Written:
-    """Write OUTPUT as a DCP directory, atomically; with `options.hash_files`, each file's sha256."""
-    from .written import Written
-
-    plan = _Plan(layout, parse_size(options.max_shard_size) if options.max_shard_size else None)
-    plan.build()
-    names = file_names(len(plan.sizes))
-    temp = temp_path_for(output)
-    files: list[OutputFile] = []
-    make_staging(temp, output)
-    try:
-        digests, sha256 = _fill(temp, plan, names, files, provenance_text, run, options.hash_files)
-        unmark_temp_directory(temp)
-        commit(temp, output, force=options.force)
-    except BaseException as exc:
-        for file in files:
-            with contextlib.suppress(OSError):
-                file.close()
-        discard(temp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
-        raise
-    written = [os.path.join(output, n) for n in [*names, ".metadata", PROVENANCE_FILE]]
-    return Written(written, digests, plan.dropped, {os.path.join(output, n): d for n, d in sha256.items()})
-
-
-def _fill(
-    temp: str,
-    plan: _Plan,
-    names: list[str],
-    files: list[OutputFile],
-    provenance_text: Callable[[Digests | None], str],
-    run: Runner,
-    hashed: bool,
-) -> tuple[Digests, dict[str, str]]:
-    """The data files, the provenance, side files and `.metadata` (last) in `temp`; each file's
-    sha256 by name where `hashed` (a data file's archive headers are patched with their CRC-32
-    after the data, so its sha256 is read back once it is complete)."""
-    for name, size in zip(names, plan.sizes, strict=True):
-        file = open_temp(os.path.join(temp, name), hashed=hashed)
-        files.append(file)
-        file.truncate(size)
-    for file_index, offset, data in plan.copies:
-        files[file_index].pwrite(data(), offset)
-    sink = DcpSink(plan, files)
-    digests = run(sink, True)
-    sink.finish()
-    sha256: dict[str, str] = {}
-    for name, file in zip(names, files, strict=True):
-        digest = finish_file(file)
-        if digest is not None:
-            sha256[name] = digest
-    provenance = (provenance_text(digests) + "\n").encode()
-    _write_small(os.path.join(temp, PROVENANCE_FILE), provenance, sha256 if hashed else None)
-    _copy_side_files(plan, temp)
-    _write_small(os.path.join(temp, ".metadata"), metadata_bytes(plan, names), sha256 if hashed else None)
-    return digests, sha256
 
 
 def _write_small(path: str, data: bytes, sha256: dict[str, str] | None) -> None:
@@ -443,12 +493,3 @@ def _write_small(path: str, data: bytes, sha256: dict[str, str] | None) -> None:
         os.fsync(file.fileno())
     if sha256 is not None:
         sha256[os.path.basename(path)] = hashlib.sha256(data).hexdigest()
-
-
-def _copy_side_files(plan: _Plan, temp: str) -> None:
-    if plan.info is None:
-        return
-    for name in SIDE_FILES:
-        source = os.path.join(plan.info.directory, name)
-        if os.path.isfile(source) and not os.path.islink(source):
-            shutil.copyfile(source, os.path.join(temp, name))

@@ -1,13 +1,14 @@
 """Averaging on torchrun: every rank plans, each writes its share of the files, rank 0 publishes.
 
 `torchrun --nproc-per-node P -m ckpt_avg INPUT... -o DIR/ --max-shard-size 5GB` runs P
-copies of the command. Each computes the same plan from the inputs' metadata alone and the
-ranks confirm that it agrees (a hash of it, all-gathered). The output's files go to the
-ranks by size, largest first, each written by exactly one rank into a shared staging
-directory (`.ckpt-avg-tmp-OUT.partial-<run id>`) and fsynced. After a vote in which every
-rank reports success and its per-tensor digests, rank 0 writes the index and provenance
-(the same bytes as a single process writes: no world size, host or time in them), fsyncs
-and renames. Any failure publishes nothing.
+copies of the command; DIR gets Hugging Face shards or, from DCP inputs, a DCP checkpoint.
+Each computes the same plan from the inputs' metadata alone and the ranks confirm that it
+agrees (a hash of it, all-gathered). The output's files go to the ranks by size, largest
+first, each written by exactly one rank into a shared staging directory
+(`.ckpt-avg-tmp-OUT.partial-<run id>`) and fsynced. After a vote in which every rank reports
+success and its per-tensor digests, rank 0 writes what carries the provenance (the index, or
+DCP's `.metadata` and `ckpt_avg.json`: the same bytes as a single process writes, no world
+size, host or time in them), fsyncs and renames. Any failure publishes nothing.
 
 The collectives carry only metadata (plans, votes, digests), so they run over gloo on TCP,
 whatever `--device` the arithmetic uses.
@@ -51,14 +52,8 @@ from .write import (
     staging_path_for,
     write_owner,
 )
-from .writers import (
-    DirectoryPlan,
-    finalize_directory,
-    ordered_visits,
-    plan_directory,
-    write_files,
-)
-from .written import Runner, Written
+from .writers import ordered_visits, plan_staged
+from .written import Runner, StagedPlan, Written
 
 # TEST ONLY: "R" or "R:raise" makes rank R raise after writing its files, "R:exit" makes it
 # die there with os._exit (as a killed process would). Never set it outside the test suite.
@@ -257,14 +252,18 @@ def _fault(rank: int) -> None:
 # ---------------------------------------------------------------- the run
 
 
+# What a rank sends to the vote: its digest records, and the sha256 of its files by name.
+Share = tuple[tuple[list[dict[str, Record]], dict[str, Record]], dict[str, str]]
+
+
 @dataclass
-class _Prepared:
+class Prepared:
     run: _Run
     layout: Layout
-    plan: DirectoryPlan
+    plan: StagedPlan
 
 
-def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks) -> _Prepared:
+def prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks) -> Prepared:
     """Validate, select, open and plan from metadata: the same on every rank."""
     _batchnorm_refused(options, "under torchrun")
     named = _validate(options, output)
@@ -275,15 +274,10 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
         )
     run = _Run(inputs, options)
     kind = run.output_kind(named)
-    if kind is OutputKind.DCP_DIRECTORY:
-        raise UsageError(
-            f"OUTPUT {output!r} would be a DCP checkpoint, which one process writes; under {ranks.world} ranks"
-            " write Hugging Face shards (--format hf --max-shard-size 5GB), or run without torchrun"
-        )
     check_output(output, [(r.display, r.files) for r in run.discovery.refs], force=options.force)
     run.open_selected()
     layout = run.layout(kind)
-    plan = plan_directory(output, layout, run.provenance(), options)
+    plan = plan_staged(output, kind, layout, run.provenance(), options)
     if plan.single:
         raise UsageError(
             f"{output}: the output is one file ({plan.files[0].nbytes} bytes), which one process writes; under"
@@ -295,7 +289,7 @@ def _prepare(inputs: Sequence[str], output: str, options: Options, ranks: Ranks)
             f"{ranks.world} ranks share {len(plan.files)} output files: {ranks.world - len(plan.files)} rank(s) have"
             " nothing to write (a smaller --max-shard-size makes more files)"
         )
-    return _Prepared(run, layout, plan)
+    return Prepared(run, layout, plan)
 
 
 def shard_size_for(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], world: int) -> str:
@@ -360,10 +354,10 @@ def _average_on_ranks(
     started = time.monotonic()
     if options.device == "cuda" and torch.cuda.is_available():  # each rank on a device of its node
         options = replace(options, device=f"cuda:{_env_int('LOCAL_RANK', 0) % torch.cuda.device_count()}")
-    prepared: _Prepared | None = None
+    prepared: Prepared | None = None
     failure: BaseException | None = None
     try:
-        prepared = _prepare(inputs, output, options, ranks)
+        prepared = prepare(inputs, output, options, ranks)
     except Exception as exc:  # noqa: BLE001 - reported through the vote, raised on every rank
         failure = exc
     proposal = (prepared.plan.fingerprint() if prepared else None, secrets.token_hex(8), secrets.token_hex(16))
@@ -396,7 +390,7 @@ def _check_same_plan(ranks: Ranks, fingerprints: list[str]) -> None:
 
 def _stage_and_publish(
     ranks: Ranks,
-    prepared: _Prepared,
+    prepared: Prepared,
     options: Options,
     staging: str,
     run_id: str,
@@ -414,15 +408,11 @@ def _stage_and_publish(
             failure = exc
     _agree(ranks, failure, None, "creation of the staging directory")
     _agree(ranks, _sees_staging(ranks, staging, nonce), None, "check of the shared file system")
-    mine = assign_files([f.nbytes for f in prepared.plan.files], ranks.world)[ranks.rank]
-    parts: Any = None
+    parts: Share | None = None
     failure = None
     try:
-        names = {n for i in mine for n in prepared.plan.files[i].tensors}
-        runner = _runner(prepared.layout, options, progress, on_total, names)
-        digests, sha256 = write_files(prepared.plan, staging, mine, runner, hashed=options.hash_files)
+        parts = write_share(prepared, options, staging, ranks.rank, ranks.world, progress, on_total)
         _fault(ranks.rank)
-        parts = (digest_parts(digests), sha256)
     except Exception as exc:  # noqa: BLE001 - reported through the vote
         failure = exc
     voted = _agree(ranks, failure, parts, "vote")
@@ -430,21 +420,39 @@ def _stage_and_publish(
     failure = None
     if ranks.rank == 0:
         try:
-            written = _publish(prepared, options, staging, voted)
+            written = publish(prepared, options, staging, voted)
         except Exception as exc:  # noqa: BLE001 - reported through the vote
             failure = exc
     result: Written = _agree(ranks, failure, written, "publication")[0]
     return result
 
 
-def _publish(prepared: _Prepared, options: Options, staging: str, voted: list[Any]) -> Written:
-    """Rank 0, once every rank has voted yes: the index from everyone's digests, then the rename."""
+def write_share(
+    prepared: Prepared,
+    options: Options,
+    staging: str,
+    rank: int,
+    world: int,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Share:
+    """Rank `rank` of `world`: stream its files of the plan into `staging`."""
+    mine = assign_files([f.nbytes for f in prepared.plan.files], world)[rank]
+    names = {n for i in mine for n in prepared.plan.files[i].tensors}
+    runner = _runner(prepared.layout, options, progress, on_total, names)
+    digests, sha256 = prepared.plan.write(staging, mine, runner, hashed=options.hash_files)
+    return digest_parts(digests), sha256
+
+
+def publish(prepared: Prepared, options: Options, staging: str, voted: Sequence[Share]) -> Written:
+    """Rank 0, once every rank has voted yes: what carries the provenance, from everyone's
+    digests, then the rename."""
     digests = merge_digest_parts([part for part, _ in voted], len(prepared.layout.opened))
     sha256 = {name: digest for _, each in voted for name, digest in each.items()}
     os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
     hashed = options.hash_files
     warn = prepared.layout.warnings.append
-    return finalize_directory(prepared.plan, staging, digests, sha256, force=options.force, hashed=hashed, warn=warn)
+    return prepared.plan.finalize(staging, digests, sha256, force=options.force, hashed=hashed, warn=warn)
 
 
 def _sees_staging(ranks: Ranks, staging: str, nonce: str) -> BaseException | None:

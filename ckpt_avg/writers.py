@@ -9,22 +9,22 @@ import json
 import math
 import os
 import pickle
-import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .average import Digests, Visit
-from .digest import SCHEME, ZERO_DIGEST
 from .errors import CheckpointError, OutputError
 from .guard import HF_SIDE_FILES, PROVENANCE_RECORD, OutputKind
 from .layout import strip_prefixes
 from .lazy import TensorLeaf, is_tensor_leaf, itemsize, leaf_numel, leaf_tie_key
 from .modules import PickledModule, rebuild_module
 from .options import parse_size
+from .provenance import provenance_text, with_digests
+from .sidefiles import copy_side_file
 from .statedict import TRAINING_STATE_NAMES, get_path
 from .torchfile import UnsupportedTensor
 from .unpickle import Placeholder
@@ -50,7 +50,7 @@ from .write import (
     temp_path_for,
     unmark_temp_directory,
 )
-from .written import Runner, Written
+from .written import Runner, ShardFile, StagedPlan, Written
 
 if TYPE_CHECKING:
     from .layout import Layout
@@ -76,44 +76,25 @@ def write_output(
     output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner
 ) -> Written:
     """Write OUTPUT as `kind` (decided in validation), atomically; `run` streams the tensors in."""
-    if kind is OutputKind.DCP_DIRECTORY:
-        return _write_dcp(output, layout, provenance, options, run)
-    if kind is OutputKind.HF_DIRECTORY:
-        return _write_directory(output, layout, provenance, options, run)
+    if kind in (OutputKind.DCP_DIRECTORY, OutputKind.HF_DIRECTORY):
+        plan = plan_staged(output, kind, layout, provenance, options)
+        return _write_staged(plan, options, run, layout.warnings.append)
     if kind is OutputKind.SAFETENSORS:
         return _write_safetensors(output, layout, provenance, options, run)
     return _write_pt(output, layout, provenance, options, run)
 
 
-def _write_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    from .dcp_write import write_dcp
+def plan_staged(
+    output: str, kind: OutputKind, layout: Layout, provenance: dict[str, Any], options: Options
+) -> StagedPlan:
+    """The plan of a directory output (Hugging Face shards or DCP), from metadata alone."""
+    if kind is OutputKind.DCP_DIRECTORY:
+        from .dcp_write import plan_dcp
 
-    names = layout.primary_names
-    return write_dcp(output, layout, lambda d: _provenance_text(provenance, d, names), options, run)
-
-
-def _with_digests(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> dict[str, Any]:
-    """The provenance with the digests in; placeholders of the same length where `digests` is None.
-
-    Each input records its checkpoint digest; `digest.tensors` has the output's digest per key,
-    so a tensor that changed is found by name and parts of the output can be checked alone.
-    """
-    result: dict[str, Any] = json.loads(json.dumps(provenance))
-    for position, record in enumerate(result["inputs"]):
-        record["tensor_digest"] = digests.inputs[position].root() if digests else ZERO_DIGEST
-    tensors = digests.output.hex_by_key() if digests else dict.fromkeys(sorted(names), ZERO_DIGEST)
-    if digests is not None and sorted(tensors) != sorted(names):
-        raise AssertionError("the output digests do not cover every tensor written")
-    result["digest"] = {
-        "scheme": SCHEME,
-        "output": digests.output.root() if digests else ZERO_DIGEST,
-        "tensors": tensors,
-    }
-    return result
-
-
-def _provenance_text(provenance: dict[str, Any], digests: Digests | None, names: list[str]) -> str:
-    return json.dumps(_with_digests(provenance, digests, names), sort_keys=True, separators=(",", ":"))
+        return plan_dcp(output, layout, provenance, options)
+    if kind is OutputKind.HF_DIRECTORY:
+        return plan_directory(output, layout, provenance, options)
+    raise AssertionError(f"{kind} is not a directory output")
 
 
 @contextlib.contextmanager
@@ -149,11 +130,11 @@ def _write_safetensors(
     with _temp_file(output, options.hash_files) as (temp, file):
         try:
             names = layout.primary_names
-            placeholder = _provenance_text(provenance, None, names)
+            placeholder = provenance_text(provenance, None, names)
             writer = SafetensorsWriter(file, entries, {"format": "pt", "ckpt_avg": placeholder})
             digests = run(SafetensorsSink(dict.fromkeys(entries, writer)), True, list(writer.placement))
             final = SafetensorsWriter.header_bytes(
-                entries, {"format": "pt", "ckpt_avg": _provenance_text(provenance, digests, names)}
+                entries, {"format": "pt", "ckpt_avg": provenance_text(provenance, digests, names)}
             )
             if len(final) != writer.data_start:
                 raise AssertionError("provenance changed the header length")
@@ -165,31 +146,18 @@ def _write_safetensors(
     return Written([output], digests, sha256={output: sha256} if sha256 else {})
 
 
-def _write_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options, run: Runner) -> Written:
-    """One process: plan, write every file into a temp directory, finalize."""
-    plan = plan_directory(output, layout, provenance, options)
-    temp = temp_path_for(output)
-    make_staging(temp, output)
+def _write_staged(plan: StagedPlan, options: Options, run: Runner, warn: Callable[[str], None]) -> Written:
+    """One process: every file of the plan into a temp directory, then finalize."""
+    temp = temp_path_for(plan.output)
+    make_staging(temp, plan.output)
     try:
-        digests, sha256 = write_files(plan, temp, range(len(plan.files)), run, hashed=options.hash_files)
-        hashed = options.hash_files
-        return finalize_directory(
-            plan, temp, digests, sha256, force=options.force, hashed=hashed, warn=layout.warnings.append
-        )
+        digests, sha256 = plan.write(temp, range(len(plan.files)), run, hashed=options.hash_files)
+        return plan.finalize(temp, digests, sha256, force=options.force, hashed=options.hash_files, warn=warn)
     except BaseException as exc:
         discard(temp)
         if isinstance(exc, OSError):
-            raise OutputError(f"{output}: write failed: {exc.strerror or exc}") from None
+            raise OutputError(f"{plan.output}: write failed: {exc.strerror or exc}") from None
         raise
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    """One file of a directory output: its name, the tensors it holds and its size in bytes."""
-
-    name: str
-    tensors: tuple[str, ...]
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -215,7 +183,7 @@ class DirectoryPlan:
         """A shard's safetensors metadata; a lone shard carries the provenance."""
         if not self.single:
             return {"format": "pt"}
-        return {"format": "pt", "ckpt_avg": _provenance_text(self.provenance, digests, sorted(self.entries))}
+        return {"format": "pt", "ckpt_avg": provenance_text(self.provenance, digests, sorted(self.entries))}
 
     def header(self, index: int, digests: Digests | None = None) -> bytes:
         return SafetensorsWriter.header_bytes(self._entries_of(index), self.metadata(digests))
@@ -235,6 +203,23 @@ class DirectoryPlan:
             "input_sizes": list(self.input_sizes),
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+    def write(
+        self, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool
+    ) -> tuple[Digests, dict[str, str]]:
+        return write_files(self, staging, indices, run, hashed=hashed)
+
+    def finalize(
+        self,
+        staging: str,
+        digests: Digests,
+        sha256: dict[str, str],
+        *,
+        force: bool,
+        hashed: bool,
+        warn: Callable[[str], None],
+    ) -> Written:
+        return finalize_directory(self, staging, digests, sha256, force=force, hashed=hashed, warn=warn)
 
 
 def plan_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DirectoryPlan:
@@ -324,7 +309,7 @@ def finalize_directory(
     else:
         shards = [list(f.tensors) for f in plan.files]
         names = [f.name for f in plan.files]
-        provenance = _with_digests(plan.provenance, digests, sorted(plan.entries))
+        provenance = with_digests(plan.provenance, digests, sorted(plan.entries))
         index_sha256 = _write_index(staging, plan.entries, shards, names, provenance, hashed)
         if index_sha256 is not None:
             sha256["model.safetensors.index.json"] = index_sha256
@@ -382,58 +367,6 @@ def _side_files(layout: Layout) -> tuple[str, ...]:
     return tuple(os.path.join(source, name) for name in sorted(os.listdir(source)) if name in HF_SIDE_FILES)
 
 
-def copy_side_file(source: str, name: str, directory: str, copied: dict[str, str] | None = None) -> str:
-    """Copy `source/name` into `directory` if it is a regular file in `source`; else say why not.
-
-    `copied[name]` gets the sha256 of the bytes as they were copied (the source may change after).
-
-    A symbolic link is never followed (it could point at /proc/self/environ or a key file,
-    whose contents would then sit in an output that is shared), nor is anything that is
-    not a regular file on the input directory's own file system (a device, a FIFO, a file
-    mounted over the name), nor a file with more than one hard link: its other name may be
-    a secret anywhere on the file system, and nothing tells which name is the original.
-    The copy is no more readable than the source.
-    """
-    path = os.path.join(source, name)
-    try:
-        before = os.lstat(path)
-        if stat.S_ISLNK(before.st_mode):
-            return "it is a symbolic link (side files are copied only when they are regular files)"
-        if not stat.S_ISREG(before.st_mode) or before.st_dev != os.stat(source).st_dev:
-            return "it is not a regular file in the input directory"
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags)
-    except OSError as exc:
-        return f"cannot open it ({exc.strerror})"
-    with os.fdopen(fd, "rb") as file:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            return "it changed while it was being opened"
-        if opened.st_nlink > 1:
-            return (
-                f"it has {opened.st_nlink} hard links (another name for it may be a file outside the input"
-                " directory; copy it yourself if it is meant)"
-            )
-        mode = stat.S_IMODE(opened.st_mode) & 0o644
-        digest = hashlib.sha256()
-        with _new_file(os.path.join(directory, name), mode) as out:
-            while block := file.read(1 << 20):
-                digest.update(block)
-                out.write(block)
-    if copied is not None:
-        copied[name] = digest.hexdigest()
-    return ""
-
-
-@contextlib.contextmanager
-def _new_file(path: str, mode: int) -> Iterator[IO[bytes]]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    with os.fdopen(fd, "wb") as out:
-        yield out
-        out.flush()
-        os.fsync(out.fileno())
-
-
 # ---------------------------------------------------------------- .pt
 
 
@@ -458,9 +391,9 @@ def _write_pt(output: str, layout: Layout, provenance: dict[str, Any], options: 
                 copy_leaf(writer, storage, leaf)
             names = layout.primary_names
             if nested:
-                tree["ckpt_avg"] = _with_digests(provenance, digests, names)
+                tree["ckpt_avg"] = with_digests(provenance, digests, names)
             writer.record("data.pkl", pickle_tree(tree))
-            writer.record(PROVENANCE_RECORD, _provenance_text(provenance, digests, names).encode())
+            writer.record(PROVENANCE_RECORD, provenance_text(provenance, digests, names).encode())
             writer.record(".format_version", b"1")
             writer.record(".storage_alignment", b"64")
             writer.record("byteorder", b"little")

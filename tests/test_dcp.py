@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import pickletools
 import zipfile
@@ -396,17 +397,58 @@ def test_force_replaces_only_a_dcp_output_holding_nothing_else(run_dir: Path, tm
     assert "ckpt-avg did not write" in result.output and (plain / ".metadata").is_file()
 
 
-def test_dcp_output_under_several_ranks_is_a_usage_error(run_dir: Path, tmp_path: Path) -> None:
+def _on_simulated_ranks(inputs: list[str], output: str, options: Any, world: int) -> list[str]:
+    """What torchrun's ranks do, in one process and in turn: each plans on its own, writes its
+    share of the files into the staging directory, then rank 0 publishes. Returns each rank's files."""
+    from ckpt_avg.distributed import Ranks, prepare, publish, write_share
+    from ckpt_avg.write import make_staging, staging_path_for, write_owner
+
+    prepared = [prepare(inputs, output, options, Ranks(None, rank, world, 1)) for rank in range(world)]
+    assert len({p.plan.fingerprint() for p in prepared}) == 1
+    staging = staging_path_for(output, "simulated")
+    make_staging(staging, output)
+    write_owner(staging, "simulated", "nonce")
+    shares, files = [], []
+    for rank in range(world):
+        before = set(os.listdir(staging))
+        shares.append(write_share(prepared[rank], options, staging, rank, world))
+        files.append(sorted(set(os.listdir(staging)) - before))
+    publish(prepared[0], options, staging, shares)
+    return files
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_dcp_output_written_by_several_ranks_is_byte_identical_to_one_process(
+    run_dir: Path, tmp_path: Path, world: int
+) -> None:
+    from ckpt_avg.api import Options, average_checkpoints
+
+    options = Options(max_shard_size="2KB", hash_files=True)
+    one = average_checkpoints([str(run_dir)], f"{tmp_path / 'one'}/", options)
+    data_files = sorted(n for n in os.listdir(tmp_path / "one") if n.endswith(".distcp"))
+    assert len(data_files) >= 3  # the split comes from --max-shard-size, not from the ranks
+    shares = _on_simulated_ranks([str(run_dir)], f"{tmp_path / 'many'}/", options, world)
+    assert sorted(n for share in shares for n in share) == data_files  # each data file written once
+    assert sum(1 for share in shares if share) == min(world, len(data_files))
+    assert sorted(os.listdir(tmp_path / "many")) == sorted(os.listdir(tmp_path / "one"))
+    for name in os.listdir(tmp_path / "one"):
+        assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".ckpt-avg-tmp")]
+    loaded = {"model": {n: torch.zeros_like(v) for n, v in _state(0)["model"].items()}}
+    dcp.load(loaded, checkpoint_id=tmp_path / "many", no_dist=True)
+    for name, expected in saved_mean().items():
+        assert torch.equal(loaded["model"][name], expected.to(loaded["model"][name].dtype)), name
+    assert one.output_digest == json.loads((tmp_path / "many" / "ckpt_avg.json").read_text())["digest"]["output"]
+
+
+def test_dcp_output_in_one_file_under_several_ranks_asks_for_a_shard_size(run_dir: Path, tmp_path: Path) -> None:
     from ckpt_avg.api import Options
-    from ckpt_avg.distributed import Ranks, _prepare
+    from ckpt_avg.distributed import Ranks, prepare
     from ckpt_avg.errors import UsageError
 
-    ranks = Ranks(None, 0, 2, 1)
-    for options in (Options(max_shard_size="1KB"), Options(max_shard_size="1KB", format="dcp")):
-        with pytest.raises(UsageError, match=r"DCP checkpoint, which one process writes.*--format hf"):
-            _prepare([str(run_dir)], f"{tmp_path / 'avg'}/", options, ranks)
-    prepared = _prepare([str(run_dir)], f"{tmp_path / 'avg'}/", Options(max_shard_size="1KB", format="hf"), ranks)
-    assert len(prepared.plan.files) > 1
+    with pytest.raises(UsageError, match=r"the output is one file .* give --max-shard-size .*e\.g\. --max-shard-size"):
+        prepare([str(run_dir)], f"{tmp_path / 'avg'}/", Options(), Ranks(None, 0, 2, 1))
+    assert not (tmp_path / "avg").exists()
 
 
 def test_inspect_drift_of_a_dcp_run_in_chunks_equals_the_oracle(run_dir: Path) -> None:

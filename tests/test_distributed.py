@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ckpt_avg.api import Options
-from ckpt_avg.distributed import Ranks, _prepare, assign_files
+from ckpt_avg.distributed import Ranks, assign_files, prepare
 from ckpt_avg.errors import UsageError
 from ckpt_avg.safetensors_file import layout
 from ckpt_avg.write import OWNER_FILE, STALE_AFTER_SECONDS, remove_stale_staging, staging_path_for
@@ -81,7 +81,7 @@ def test_every_file_written_once_and_balanced_for_1_to_64_ranks(llama70b: list[s
     """Balance needs files enough per rank: 500 MB shards give 322 files (1 GB ones reach
     1.25 at 54 ranks, where the 2.1 GB embedding and 1 GB shards cannot be evened out)."""
     options = Options(max_shard_size="500MB")
-    plan = _prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(64)).plan
+    plan = prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(64)).plan
     sizes = [f.nbytes for f in plan.files]
     assert len(sizes) == 322 and sum(sizes) > 141e9  # the whole model, headers included
     for world in range(1, 65):
@@ -100,26 +100,26 @@ def test_assignment_is_largest_first_ties_by_index() -> None:
 def test_plan_is_a_pure_function_of_inputs_and_options(llama70b: list[str], tmp_path: Path) -> None:
     """Another process computes the same fingerprint; another option, another fingerprint."""
     output = str(tmp_path / "avg") + "/"
-    here = _prepare(llama70b, output, Options(max_shard_size="5GB"), _ranks(2)).plan.fingerprint()
+    here = prepare(llama70b, output, Options(max_shard_size="5GB"), _ranks(2)).plan.fingerprint()
     script = (
-        "import sys; from ckpt_avg.api import Options; from ckpt_avg.distributed import Ranks, _prepare;"
-        "print(_prepare(sys.argv[1:3], sys.argv[3], Options(max_shard_size='5GB'), Ranks(None, 0, 2, 1))"
+        "import sys; from ckpt_avg.api import Options; from ckpt_avg.distributed import Ranks, prepare;"
+        "print(prepare(sys.argv[1:3], sys.argv[3], Options(max_shard_size='5GB'), Ranks(None, 0, 2, 1))"
         ".plan.fingerprint())"
     )
     there = subprocess.run(
         [sys.executable, "-c", script, *llama70b, output], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert there == here
-    other = _prepare(llama70b, output, Options(max_shard_size="4GB"), _ranks(2)).plan.fingerprint()
-    weighted = _prepare(llama70b, output, Options(max_shard_size="5GB", weights=(1, 2)), _ranks(2))
+    other = prepare(llama70b, output, Options(max_shard_size="4GB"), _ranks(2)).plan.fingerprint()
+    weighted = prepare(llama70b, output, Options(max_shard_size="5GB", weights=(1, 2)), _ranks(2))
     assert len({here, other, weighted.plan.fingerprint()}) == 3
 
 
 def test_single_file_output_under_several_ranks_is_a_usage_error(llama70b: list[str], tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"single file.*-o DIR/ --max-shard-size"):
-        _prepare(llama70b, str(tmp_path / "avg.safetensors"), Options(), _ranks(2))
+        prepare(llama70b, str(tmp_path / "avg.safetensors"), Options(), _ranks(2))
     with pytest.raises(UsageError, match=r"one file .* give --max-shard-size"):
-        _prepare(llama70b, str(tmp_path / "avg") + "/", Options(), _ranks(2))
+        prepare(llama70b, str(tmp_path / "avg") + "/", Options(), _ranks(2))
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -132,16 +132,16 @@ def test_one_file_under_several_ranks_suggests_a_size_that_gives_each_rank_a_fil
         inputs.append(str(tmp_path / f"step_{k}.safetensors"))
     output = str(tmp_path / "avg") + "/"
     with pytest.raises(UsageError) as refused:
-        _prepare(inputs, output, Options(max_shard_size="1MB"), _ranks(world))
+        prepare(inputs, output, Options(max_shard_size="1MB"), _ranks(world))
     size = re.findall(r"e\.g\. --max-shard-size (\w+)\)", str(refused.value))[0]
     assert size == {2: "65KB", 3: "43KB", 8: "16KB"}[world]
-    assert len(_prepare(inputs, output, Options(max_shard_size=size), _ranks(world)).plan.files) >= world
+    assert len(prepare(inputs, output, Options(max_shard_size=size), _ranks(world)).plan.files) >= world
 
 
 def test_bn_recompute_under_several_ranks_is_a_usage_error(llama70b: list[str], tmp_path: Path) -> None:
     options = Options(max_shard_size="5GB", bn_model="m:f", bn_data="d.pt")
     with pytest.raises(UsageError, match="--bn-model is not supported under torchrun"):
-        _prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(2))
+        prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(2))
 
 
 def _staging(tmp_path: Path, run_id: str, owner: dict[str, object] | None, age: float = 0.0) -> Path:

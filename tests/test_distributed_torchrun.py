@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from ckpt_avg import average_checkpoints
 from ckpt_avg.distributed import FAULT_ENV
 
 SHARD = "40000"  # about eight files for the model below
+DCP_SHARD = "30000"  # the same as tests/torchrun_scenarios.py's: about five .distcp files
 Outcomes = dict[int, dict[str, dict[str, object]]]
 HERE = Path(__file__).parent
 
@@ -39,6 +41,25 @@ def make_checkpoints(directory: Path) -> list[str]:
         state["layers.0.num_batches_tracked"] = torch.tensor(step)
         path = directory / f"step={step}.ckpt"
         torch.save({"state_dict": state, "global_step": step}, path)
+        paths.append(str(path))
+    return paths
+
+
+def make_dcp_run(directory: Path) -> list[str]:
+    """A DCP run as `dcp.save` writes it: a model (fp32, bf16, a counter), optimizer state, a step."""
+    import torch.distributed.checkpoint as dcp
+
+    paths = []
+    for step in (10, 20, 30):
+        g = torch.Generator().manual_seed(step)
+        model = {f"layers.{i}.w": torch.randn(96, 64, generator=g) for i in range(5)}
+        model["embed.weight"] = torch.randn(200, 64, generator=g).to(torch.bfloat16)
+        model["norm.num_batches_tracked"] = torch.tensor(step)
+        optim = {"state": {"layers.0.w": {"exp_avg": torch.randn(96, 64, generator=g)}}, "param_groups": [{"lr": 0.1}]}
+        path = directory / f"step-{step}"
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save({"model": model, "optim": optim, "step": step}, checkpoint_id=path, no_dist=True)
         paths.append(str(path))
     return paths
 
@@ -65,6 +86,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("torchrun")
     inputs = make_checkpoints(directory / "ckpts")
     average_checkpoints(inputs, f"{directory}/one/", max_shard_size=SHARD)  # the single-process reference
+    make_dcp_run(directory / "dcp")
+    average_checkpoints([str(directory / "dcp")], f"{directory}/dcp-one/", max_shard_size=DCP_SHARD)
+    assert len([n for n in os.listdir(directory / "dcp-one") if n.endswith(".distcp")]) > 3
     shutil.copytree(directory / "ckpts", directory / "elsewhere" / "ckpts")  # another "node's" file system
     assert len(os.listdir(directory / "one")) > 4
     return directory
@@ -81,6 +105,13 @@ def scenarios(workdir: Path) -> Outcomes:
 def test_two_ranks_write_the_same_bytes_as_one(workdir: Path, scenarios: Outcomes) -> None:
     assert scenarios[0]["two_ranks"]["ok"] and scenarios[1]["two_ranks"]["ok"]
     same_tree(workdir / "one", workdir / "two")
+
+
+@pytest.mark.parametrize("world", ["two", "three"])
+def test_ranks_write_the_same_dcp_checkpoint_as_one(workdir: Path, scenarios: Outcomes, world: str) -> None:
+    ranks = 2 if world == "two" else 3
+    assert all(scenarios[rank][f"dcp_{world}"]["ok"] for rank in range(ranks))
+    same_tree(workdir / "dcp-one", workdir / f"dcp-{world}")
 
 
 def test_a_rank_that_raises_fails_every_rank_and_publishes_nothing(workdir: Path, scenarios: Outcomes) -> None:
@@ -127,9 +158,9 @@ def test_killed_rank_publishes_nothing_and_the_next_run_cleans_up(workdir: Path,
 
 
 def test_cli_rank_that_raises_exits_1_everywhere_with_one_error(workdir: Path) -> None:
-    inputs = sorted(str(p) for p in (workdir / "ckpts").iterdir())
-    output = f"{workdir}/cli-fail/"
-    done = torchrun(2, "-m", "ckpt_avg", *inputs, "-o", output, "--max-shard-size", SHARD, env={FAULT_ENV: "1"})
+    output = f"{workdir}/cli-fail/"  # a DCP checkpoint, from the DCP run
+    args = ("-m", "ckpt_avg", str(workdir / "dcp"), "-o", output, "--max-shard-size", DCP_SHARD)
+    done = torchrun(2, *args, env={FAULT_ENV: "1"})
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: rank 1: injected test failure ({FAULT_ENV}=1)"]

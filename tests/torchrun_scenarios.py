@@ -5,6 +5,8 @@ Python API over one launch (each launch costs seconds), each rank recording what
 
 Scenarios, in order (the last one kills rank 0, ending the launch):
   two_ranks   ranks 0 and 1 average into WORKDIR/two/ over a subgroup; rank 2 waits
+  dcp_two     ranks 0 and 1 average the DCP run WORKDIR/dcp/ into a DCP checkpoint WORKDIR/dcp-two/
+  dcp_three   all three ranks do the same into WORKDIR/dcp-three/
   raises      rank 1 raises after writing its files (the test-only fault variable)
   disagree    rank 2 asks for other weights than ranks 0 and 1
   unshared    rank 1 runs in WORKDIR/elsewhere (a copy of the inputs at the same relative
@@ -28,6 +30,7 @@ from ckpt_avg.distributed import FAULT_ENV
 from ckpt_avg.errors import CkptAvgError
 
 SHARD = "40000"
+DCP_SHARD = "30000"
 
 
 def _attempt(name: str, workdir: str, call: Any) -> None:
@@ -59,6 +62,22 @@ def main(workdir: str) -> None:
             workdir,
             lambda: average_checkpoints(inputs, f"{workdir}/two/", max_shard_size=SHARD, process_group=pair),
         )
+    dcp_inputs = [os.path.join(workdir, "dcp")]
+    if rank in (0, 1):
+        _attempt(
+            "dcp_two",
+            workdir,
+            lambda: average_checkpoints(
+                dcp_inputs, f"{workdir}/dcp-two/", max_shard_size=DCP_SHARD, process_group=pair
+            ),
+        )
+    _attempt(
+        "dcp_three",
+        workdir,
+        lambda: average_checkpoints(
+            dcp_inputs, f"{workdir}/dcp-three/", max_shard_size=DCP_SHARD, process_group=dist.group.WORLD
+        ),
+    )
     os.environ[FAULT_ENV] = "1"
     _attempt(
         "raises",

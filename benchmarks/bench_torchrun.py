@@ -2,7 +2,9 @@
 """Benchmark averaging on torchrun: 1 process against P, and the balance of files over ranks.
 
 Part 1 runs the same command as one process (`python -m ckpt_avg`) and under
-`torchrun --standalone --nproc-per-node P -m ckpt_avg`, alternating, and reports the median
+`torchrun --standalone --nproc-per-node P -m ckpt_avg`, alternating, on safetensors
+checkpoints into Hugging Face shards and on DCP checkpoints into a DCP checkpoint (files of
+`--shard` bytes either way), and reports the median
 wall time of each and of torchrun starting P processes that do nothing (its fixed cost),
 after checking that every output is byte-identical to the single-process one. On a machine
 with few cores the ranks share them: expect no gain there. The point of torchrun is nodes,
@@ -14,6 +16,7 @@ times the number of checkpoints), and max/mean.
 
     python benchmarks/bench_torchrun.py                 # both parts, 3 x 256 MiB checkpoints
     python benchmarks/bench_torchrun.py --size 1GiB --runs 5 --nproc 2
+    python benchmarks/bench_torchrun.py --inputs dcp
     python benchmarks/bench_torchrun.py --balance-only
 """
 
@@ -29,8 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from ckpt_avg.distributed import assign_files
@@ -40,8 +45,9 @@ from ckpt_avg.write import plan_shards
 MiB = 1 << 20
 
 
-def make_checkpoints(directory: str, count: int, size: int) -> list[str]:
-    """`count` safetensors files of `size` bytes each: 64 MiB float32 matrices and a remainder."""
+def make_checkpoints(directory: str, count: int, size: int, kind: str) -> list[str]:
+    """`count` checkpoints of `size` bytes each, of 64 MiB float32 matrices: safetensors
+    files, or DCP directories as `dcp.save` writes them in one process."""
     rows = 4096
     cols = 4096  # 64 MiB per matrix
     matrices = max(1, size // (rows * cols * 4))
@@ -49,8 +55,14 @@ def make_checkpoints(directory: str, count: int, size: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     for step in range(count):
         state = {f"layers.{i}.weight": torch.randn(rows, cols, generator=generator) for i in range(matrices)}
-        path = os.path.join(directory, f"step={step + 1}.safetensors")
-        save_file(state, path, metadata={"format": "pt"})
+        if kind == "dcp":
+            path = os.path.join(directory, f"step-{step + 1}")
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.simplefilter("ignore")
+                dcp.save({"model": state}, checkpoint_id=path, no_dist=True)
+        else:
+            path = os.path.join(directory, f"step={step + 1}.safetensors")
+            save_file(state, path, metadata={"format": "pt"})
         paths.append(path)
     return paths
 
@@ -68,10 +80,10 @@ def same_tree(a: str, b: str) -> bool:
     )
 
 
-def part_processes(size: int, count: int, runs: int, nproc: int, shard: str) -> None:
+def part_processes(size: int, count: int, runs: int, nproc: int, shard: str, kind: str) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     with tempfile.TemporaryDirectory(dir=".") as work:
-        inputs = make_checkpoints(work, count, size)
+        inputs = make_checkpoints(work, count, size, kind)
         single = [sys.executable, "-m", "ckpt_avg", *inputs, "--max-shard-size", shard, "-q", "--force", "-o"]
         noop = os.path.join(work, "noop.py")
         with open(noop, "w") as f:
@@ -87,7 +99,8 @@ def part_processes(size: int, count: int, runs: int, nproc: int, shard: str) -> 
             times[f"torchrun {nproc} (no-op)"].append(timed([*torchrun, noop]))
         shutil.rmtree(reference)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"\n{count} x {size / MiB:.0f} MiB float32 safetensors -> shards of {shard}, {cores} cores, {runs} runs")
+        into = "a DCP checkpoint, files" if kind == "dcp" else "shards"
+        print(f"\n{count} x {size / MiB:.0f} MiB float32 {kind} -> {into} of {shard}, {cores} cores, {runs} runs")
         print("every torchrun output byte-identical to the single-process one")
         for name, values in times.items():
             each = ", ".join(f"{v:.2f}" for v in values)
@@ -146,10 +159,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="alternating runs of each (default 3)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     parser.add_argument("--shard", default="64MiB", help="--max-shard-size (default 64MiB)")
+    parser.add_argument("--inputs", default="safetensors,dcp", help="input kinds (default safetensors,dcp)")
     parser.add_argument("--balance-only", action="store_true", help="only the simulated 405B balance")
     args = parser.parse_args()
     if not args.balance_only:
-        part_processes(parse_size(args.size), args.count, args.runs, args.nproc, args.shard)
+        for kind in args.inputs.split(","):
+            if kind not in ("safetensors", "dcp"):
+                parser.error(f"--inputs: {kind!r} is neither safetensors nor dcp")
+            part_processes(parse_size(args.size), args.count, args.runs, args.nproc, args.shard, kind)
     part_balance()
 
 

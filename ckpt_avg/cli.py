@@ -68,7 +68,7 @@ def _parse_weights(ctx: click.Context, param: click.Parameter, value: str | None
     "--output",
     metavar="OUTPUT",
     help="File to write (.pt .pth .pth.tar .ckpt .bin keep structure, .safetensors flat), or DIR/ for Hugging Face"
-    " shards. Example: -o avg.pt",
+    " shards (a DCP checkpoint when the inputs are DCP; see --format). Example: -o avg.pt",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (every candidate, selected or why not) and write nothing."
@@ -256,6 +256,11 @@ def _warn(report: Report, quiet: bool) -> None:
 
 def entry() -> None:
     """Console entry point: `ckpt-avg inspect ...` and `verify ...` are their own commands; anything else averages."""
+    if sys.argv[1:2] in (["inspect"], ["verify"]):
+        from .distributed import environment_rank
+
+        if environment_rank() != 0:
+            sys.exit(0)  # under torchrun these do not split: rank 0 does the work and reports, once
     if sys.argv[1:2] == ["inspect"]:
         from .inspect_cli import inspect_command
 

@@ -7,6 +7,7 @@ The commands import this module and never each other, so the CLI's imports stay 
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import CkptAvgError, SelectionError, UsageError
+from .errors import CkptAvgError, SelectionError
 from .report import terminal_safe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -119,6 +120,15 @@ def on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted()
 
 
+def _rank_prefix() -> str:
+    """Under torchrun every rank is interrupted and says so: each names itself."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return f"rank {terminal_safe(os.environ['RANK'])}: " if several and "RANK" in os.environ else ""
+
+
 @contextmanager
 def cli_errors(*, debug: bool) -> Iterator[None]:
     """The one place where library errors become a message and an exit status."""
@@ -127,7 +137,7 @@ def cli_errors(*, debug: bool) -> Iterator[None]:
     except CkptAvgError as error:
         if debug:
             traceback.print_exc()
-        message = error.cli_message if isinstance(error, UsageError) else str(error)  # flags, not keywords
+        message = error.cli_message  # flags, not keywords
         if not getattr(error, "reported_elsewhere", False):  # another torchrun rank prints it
             click.echo(f"Error: {terminal_safe(message)}", err=True)
         if hasattr(error, "settle"):
@@ -136,10 +146,11 @@ def cli_errors(*, debug: bool) -> Iterator[None]:
             click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        click.echo("Error: interrupted; no output was written", err=True)
+        click.echo(f"Error: {_rank_prefix()}interrupted; no output was written", err=True)
         sys.exit(130)
     except Interrupted:
-        click.echo("Error: interrupted by SIGTERM; no output was written", err=True)
+        because = " (torchrun stops every rank when one fails or is stopped: see its report)" if _rank_prefix() else ""
+        click.echo(f"Error: {_rank_prefix()}interrupted by SIGTERM{because}; no output was written", err=True)
         sys.exit(143)
     except click.exceptions.ClickException:
         raise

@@ -295,6 +295,9 @@ class DcpPlan:
             if path in averaged:
                 continue
             if str(path[0]) in TRAINING_STATE_NAMES or str(path[0]) in ("optimizers",):
+                training = f"{path[0]} (training state)"
+                if training not in self.dropped:  # said once per entry, as for a .pt output
+                    self.dropped.append(training)
                 continue
             tensor = info.tensors.get(fqn)
             if isinstance(tensor, DcpTensor):

@@ -77,17 +77,26 @@ class Ranks:
 class RankError(CkptAvgError):
     """A failure on one or more ranks; only rank 0 prints it, so it is reported once."""
 
-    def __init__(self, message: str, exit_code: int, ranks: Ranks) -> None:
+    def __init__(self, message: str, exit_code: int, ranks: Ranks, cli_message: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.reported_elsewhere = ranks.rank != 0
         self._ranks = ranks
+        self._cli_message = message if cli_message is None else cli_message
+
+    @property
+    def cli_message(self) -> str:
+        return self._cli_message
 
     def settle(self) -> None:
         """Wait until every rank has reported (rank 0 prints first): torchrun stops the other
         ranks as soon as one exits, which could cut rank 0 off before it says why."""
         with contextlib.suppress(Exception):
             _gather(self._ranks, None, "end")
+
+
+class LostContact(CkptAvgError):
+    """A collective failed: another rank died, was killed or timed out."""
 
 
 def launched_by_torchrun() -> bool:
@@ -181,14 +190,21 @@ def assign_files(sizes: Sequence[int], world: int) -> list[list[int]]:
 # ---------------------------------------------------------------- collectives
 
 
-def _describe(error: BaseException) -> tuple[str, int]:
-    """One line and an exit status, as the CLI would print them for this error."""
+# How one rank's failure travels to the others: the message for the Python API, the one the
+# CLI prints (flags, not keywords), and the exit status.
+Status = tuple[str, str, int]
+
+
+def _describe(error: BaseException) -> Status:
+    """The error as the API and the CLI would report it, and its exit status."""
     if isinstance(error, CkptAvgError):
-        return str(error), error.exit_code
+        return str(error), error.cli_message, error.exit_code
     if isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}", 1
-    return f"internal error: {type(error).__name__}: {error}", 1
+        text = f"{where}{error.strerror or error}"
+        return text, text, 1
+    text = f"internal error: {type(error).__name__}: {error}"
+    return text, text, 1
 
 
 def _gather(ranks: Ranks, value: Any, step: str) -> list[Any]:
@@ -201,7 +217,7 @@ def _gather(ranks: Ranks, value: Any, step: str) -> list[Any]:
             dist.monitored_barrier(group=ranks.group, timeout=timeout, wait_all_ranks=True)
         dist.all_gather_object(gathered, value, group=ranks.group)
     except (RuntimeError, ValueError) as exc:
-        raise CkptAvgError(
+        raise LostContact(
             f"rank {ranks.rank}: lost contact with the other ranks at the {step} (a rank failed, was killed"
             f" or timed out); nothing was published: {_short(exc)}"
         ) from None
@@ -226,14 +242,13 @@ def _agree(ranks: Ranks, failure: BaseException | None, payload: Any, step: str)
     return [payload for _, payload in gathered]
 
 
-def _rank_error(ranks: Ranks, failed: list[tuple[int, tuple[str, int]]]) -> RankError:
-    first_rank, (message, code) = failed[0]
-    if len(failed) == ranks.world and len({m for _, (m, _) in failed}) == 1:
-        text = message  # every rank hit the same problem: say it as one process would
-    else:
-        others = [str(rank) for rank, _ in failed[1:]]
-        text = f"rank {first_rank}: {message}" + (f" (rank {', '.join(others)} failed too)" if others else "")
-    return RankError(text, code, ranks)
+def _rank_error(ranks: Ranks, failed: list[tuple[int, Status]]) -> RankError:
+    first_rank, (message, cli_message, code) = failed[0]
+    if len(failed) == ranks.world and len({status[0] for _, status in failed}) == 1:
+        return RankError(message, code, ranks, cli_message)  # every rank hit the same problem: as one process
+    others = [str(rank) for rank, _ in failed[1:]]
+    also = f" (rank {', '.join(others)} failed too)" if others else ""
+    return RankError(f"rank {first_rank}: {message}{also}", code, ranks, f"rank {first_rank}: {cli_message}{also}")
 
 
 def _fault(rank: int) -> None:
@@ -371,6 +386,13 @@ def _average_on_ranks(
         with _heartbeat(staging) if ranks.rank == 0 else contextlib.nullcontext():
             written = _stage_and_publish(ranks, prepared, options, staging, run_id, nonce, progress, on_total)
         published = True
+    except LostContact as lost:
+        if ranks.rank == 0 or not os.path.isdir(staging):
+            raise
+        raise LostContact(  # rank 0 may be the one that died: say where its files stay, and until when
+            f"{lost}; if rank 0 was stopped, its staging directory {staging} stays until the next run to"
+            f" {output} removes it"
+        ) from None
     finally:
         if ranks.rank == 0 and not published:
             discard(staging)

@@ -20,6 +20,11 @@ class CkptAvgError(Exception):
 
     exit_code = 1
 
+    @property
+    def cli_message(self) -> str:
+        """The message as the CLI prints it: flags, never the Python API's keywords."""
+        return str(self)
+
 
 class UsageError(CkptAvgError):
     """A bad option value or a missing input path (exit status 2, as Click does).
@@ -33,14 +38,18 @@ class UsageError(CkptAvgError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.cli_message = message
+        self._flags_only = message
+
+    @property
+    def cli_message(self) -> str:
+        return self._flags_only
 
     def __str__(self) -> str:
-        flags = dict.fromkeys(flag.replace("-", "_") for flag in _FLAG.findall(self.cli_message))
+        flags = dict.fromkeys(flag.replace("-", "_") for flag in _FLAG.findall(self._flags_only))
         names = [name for name in flags if name in API_NAMES]
         if not names:
-            return self.cli_message
-        return f"{self.cli_message} (Python API: {', '.join(name + '=' for name in names)})"
+            return self._flags_only
+        return f"{self._flags_only} (Python API: {', '.join(name + '=' for name in names)})"
 
 
 class DiscoveryError(CkptAvgError):

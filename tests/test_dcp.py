@@ -86,7 +86,8 @@ def test_dcp_run_to_safetensors_is_the_exact_mean(run_dir: Path, tmp_path: Path)
 
 def test_dcp_output_loads_with_dcp_load(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "avg"
-    run_cli(run_dir, "-o", f"{out}/")
+    result = run_cli(run_dir, "-o", f"{out}/")
+    assert "Note: left out of the output: optim (training state)" in result.output  # said, not silent
     assert (out / ".metadata").is_file() and (out / "ckpt_avg.json").is_file()
     expected = oracle([run_dir / f"step-{s}" for s in STEPS])
     model = {k: torch.zeros_like(v) for k, v in _state(0)["model"].items()}

@@ -166,3 +166,27 @@ def test_cli_rank_that_raises_exits_1_everywhere_with_one_error(workdir: Path) -
     assert errors == [f"Error: rank 1: injected test failure ({FAULT_ENV}=1)"]
     assert done.stderr.count("exitcode  : 1") == 2, done.stderr  # torchrun's summary: both ranks exit 1
     assert not os.path.exists(output) and staging_dirs(workdir) == []
+
+
+def test_cli_usage_error_on_every_rank_is_said_once_in_flags(workdir: Path) -> None:
+    inputs = sorted(str(p) for p in (workdir / "ckpts").iterdir())
+    output = f"{workdir}/cli-usage/"
+    done = torchrun(2, "-m", "ckpt_avg", *inputs, "-o", output, "--max-shard-size", SHARD, "--weights", "1,2")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: --weights has 2 values but 3 checkpoints are selected"], done.stderr  # no API keywords
+    assert done.stderr.count("exitcode  : 2") == 2, done.stderr  # both ranks exit 2, as one process would
+    assert not os.path.exists(output) and staging_dirs(workdir) == []
+
+
+def test_verify_and_inspect_under_torchrun_run_on_rank_0_only(workdir: Path) -> None:
+    """They do not split: another rank leaves at once, so the report is printed once."""
+    rank1 = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    for command in (["verify", str(workdir / "one")], ["inspect", str(workdir / "ckpts")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ckpt_avg", *command], capture_output=True, text=True, env=rank1, check=False
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+        alone = subprocess.run(
+            [sys.executable, "-m", "ckpt_avg", *command], capture_output=True, text=True, check=False
+        )
+        assert alone.returncode == 0 and alone.stdout + alone.stderr  # rank 0, or no torchrun: the command

@@ -224,9 +224,9 @@ def _run(params: dict[str, Any]) -> None:
     from .distributed import environment_rank, from_environment
 
     if params["dry_run"]:
-        report = plan_checkpoints(params["inputs"], options)
-        if environment_rank() != 0:  # under torchrun, rank 0 prints the plan for every rank
+        if environment_rank() != 0:  # under torchrun, rank 0 plans and prints for every rank
             return
+        report = plan_checkpoints(params["inputs"], options)
         _warn(report, quiet)
         click.echo(report.to_json() if params["as_json"] else plan_table(report))
         return

@@ -404,10 +404,6 @@ class DcpPlan:
         return Written(written, digests, self.dropped, {os.path.join(self.output, n): d for n, d in sha256.items()})
 
 
-def plan_dcp(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DcpPlan:
-    return DcpPlan(output, layout, provenance, options)
-
-
 def _chunk_archive(chunk: Any, dtype: torch.dtype, start: int) -> bytes:
     return archive_bytes(chunk.tensor(dtype).load(), start)
 

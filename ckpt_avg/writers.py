@@ -89,9 +89,9 @@ def plan_staged(
 ) -> StagedPlan:
     """The plan of a directory output (Hugging Face shards or DCP), from metadata alone."""
     if kind is OutputKind.DCP_DIRECTORY:
-        from .dcp_write import plan_dcp
+        from .dcp_write import DcpPlan
 
-        return plan_dcp(output, layout, provenance, options)
+        return DcpPlan(output, layout, provenance, options)
     if kind is OutputKind.HF_DIRECTORY:
         return plan_directory(output, layout, provenance, options)
     raise AssertionError(f"{kind} is not a directory output")

@@ -236,6 +236,15 @@ def test_megatron_iter_directories(run_dir: Path, tmp_path: Path) -> None:
     run_cli(tmp_path / "ckpts", "-o", f"{tmp_path / 'avg'}/", "--last", "3", "--force")  # its files count as ours
     provenance = json.loads((tmp_path / "avg" / "ckpt_avg.json").read_text())
     assert [r["step"] for r in provenance["inputs"]] == [100, 200, 300]
+    last = tmp_path / "ckpts" / "iter_0000300"
+    (tmp_path / "secret").write_text("API_KEY=hunter2")
+    (last / "metadata.json").unlink()
+    (last / "metadata.json").symlink_to(tmp_path / "secret")  # side files are copied only as regular files
+    result = run_cli(tmp_path / "ckpts", "-o", f"{tmp_path / 'again'}/", "--json")
+    assert "metadata.json: not copied into the output: it is a symbolic link" in result.output
+    assert not (tmp_path / "again" / "metadata.json").exists() and (tmp_path / "again" / "common.pt").is_file()
+    report = json.loads(result.stdout)
+    assert any(f["path"].endswith("common.pt") and f["sha256"] for f in report["files"])  # copied and hashed
 
 
 # ---------------------------------------------------------------- hostile files

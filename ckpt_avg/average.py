@@ -28,8 +28,12 @@ from .reduce import DONE, Pending, Reducer, reducer_for
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 COUNTER_SUFFIXES = ("num_batches_tracked", "n_averaged", "step", "steps", "global_step", "num_updates")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # at most; the buffer budgets usually make chunks smaller
-READ_SLOTS = 3  # chunks in flight: one being averaged, two being read
-WRITE_SLOTS = 3  # averaged chunks waiting to be hashed and written
+READ_SLOTS = 3  # batches in flight: one being averaged, two being read
+WRITE_SLOTS = 3  # averaged batches waiting to be hashed and written
+# Small tensors travel between the threads in batches: a hand-off per tensor (semaphores and
+# the GIL passed back and forth) cost more than the work on a tensor of a few KB.
+BATCH_STEPS = 256
+_ALIGN = 64  # each step's bytes within a batch's buffer start on a boundary any dtype can view
 
 
 def usable_cores() -> int:
@@ -205,26 +209,88 @@ class _Step:
     last: bool
     names: tuple[str, ...]  # the unit's digested names: its bytes are hashed, in and out, for these
 
+    def read_bytes(self, i: int) -> int:
+        return self.count * itemsize(self.visit.unit.leaves[i].dtype)
+
+    @property
+    def out_bytes(self) -> int:
+        return self.count * itemsize(self.visit.unit.out_dtype)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Consecutive steps handed between the threads at once: whole small tensors, or one chunk.
+
+    Step j's bytes of input i start at `read_at[j][i]` in that input's buffer, its result at
+    `out_at[j]` in the output buffer.
+    """
+
+    steps: tuple[_Step, ...]
+    read_at: tuple[tuple[int, ...], ...]
+    out_at: tuple[int, ...]
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def batch_steps(steps: Sequence[_Step], read_limits: Sequence[int], out_limit: int) -> list[_Batch]:
+    """Steps grouped in order while every input's bytes stay within `read_limits` and the
+    results within `out_limit`; a step that alone exceeds them is a batch of its own."""
+    batches: list[_Batch] = []
+    inputs = len(read_limits)
+    current: list[_Step] = []
+    read_at: list[tuple[int, ...]] = []
+    out_at: list[int] = []
+    used = [0] * inputs
+    out_used = 0
+
+    def close() -> None:
+        if current:
+            batches.append(_Batch(tuple(current), tuple(read_at), tuple(out_at)))
+            current.clear()
+            read_at.clear()
+            out_at.clear()
+
+    for step in steps:
+        sizes = [_aligned(step.read_bytes(i)) for i in range(inputs)]
+        out = _aligned(step.out_bytes)
+        fits = all(used[i] + sizes[i] <= read_limits[i] for i in range(inputs)) and out_used + out <= out_limit
+        if not fits or len(current) == BATCH_STEPS:
+            close()
+            used, out_used = [0] * inputs, 0
+        current.append(step)
+        read_at.append(tuple(used))
+        out_at.append(out_used)
+        used = [u + size for u, size in zip(used, sizes, strict=True)]
+        out_used += out
+    close()
+    return batches
+
 
 class _Readers:
     """Threads that fill reusable read buffers ahead of the arithmetic.
 
     Each input is always read by the same thread, which also feeds that input's tensor
     digest right after the read (BLAKE3 releases the GIL), so every digest sees its bytes
-    in order and hashing runs in parallel with the arithmetic. Step k uses slot k % slots;
+    in order and hashing runs in parallel with the arithmetic. Batch k uses slot k % slots;
     a slot is refilled only after the main thread has given it back.
     """
 
     def __init__(
-        self, steps: Sequence[_Step], buffers: list[list[torch.Tensor]], digests: Digests, threads: int
+        self, batches: Sequence[_Batch], buffers: list[list[torch.Tensor]], digests: Digests, threads: int
     ) -> None:
-        self.steps = steps
+        self.batches = batches
         self.buffers = buffers
         self.digests = digests
         inputs = len(buffers[0])
         self.slots = len(buffers)
         self.groups = [list(range(t, inputs, threads)) for t in range(min(threads, inputs))]
-        self.views: list[list[torch.Tensor]] = [[buffers[s][i] for i in range(inputs)] for s in range(self.slots)]
+        longest = max(len(batch.steps) for batch in batches)
+        # views[slot][j][i]: step j's chunk of input i, in the slot's buffers
+        self.views: list[list[list[torch.Tensor]]] = [
+            [list(buffers[s]) for _ in range(longest)] for s in range(self.slots)
+        ]
         self.errors: list[BaseException | None] = [None] * self.slots
         self.free = [[threading.Semaphore(1) for _ in range(self.slots)] for _ in self.groups]
         self.filled = [[threading.Semaphore(0) for _ in range(self.slots)] for _ in self.groups]
@@ -240,17 +306,19 @@ class _Readers:
         spilled: dict[int, SpilledTensor] = {}  # strided leaves of the current unit, copied out once
         hashers: dict[int, Any] = {}  # input -> the digest of its current tensor
         try:
-            for k, step in enumerate(self.steps):
+            for k, batch in enumerate(self.batches):
                 slot = k % self.slots
                 self.free[group][slot].acquire()
                 if self.stop.is_set():
                     return
                 failed = False
                 try:
-                    if step.first:
-                        close_spilled(spilled)
-                    ahead = self.steps[k + self.slots] if k + self.slots < len(self.steps) else None
-                    self._read(step, ahead, slot, self.groups[group], spilled, hashers)
+                    ahead = self.batches[k + self.slots] if k + self.slots < len(self.batches) else None
+                    for j, step in enumerate(batch.steps):
+                        if step.first:
+                            close_spilled(spilled)
+                        last = ahead if j == len(batch.steps) - 1 else None
+                        self._read(step, batch.read_at[j], self.views[slot][j], last, slot, group, spilled, hashers)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                     self.errors[slot] = exc
                     failed = True
@@ -263,20 +331,23 @@ class _Readers:
     def _read(
         self,
         step: _Step,
-        ahead: _Step | None,
+        read_at: tuple[int, ...],
+        views: list[torch.Tensor],
+        ahead: _Batch | None,
         slot: int,
-        inputs: list[int],
+        group: int,
         spilled: dict[int, SpilledTensor],
         hashers: dict[int, Any],
     ) -> None:
         """Read (and hash) this thread's inputs for `step`; ask the kernel for `ahead`'s bytes."""
         unit = step.visit.unit
-        for i in inputs:
+        for i in self.groups[group]:
             leaf = unit.leaves[i]
-            view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i], spilled)
-            self.views[slot][i] = view
-            if ahead is not None:  # the kernel reads it while we hash and average
-                prefetch_leaf_range(ahead.visit.unit.leaves[i], ahead.start, ahead.count)
+            view = fill_leaf_range(leaf, step.start, step.count, self.buffers[slot][i][read_at[i] :], spilled)
+            views[i] = view
+            if ahead is not None:  # the kernel reads them while we hash and average
+                for next_step in ahead.steps:
+                    prefetch_leaf_range(next_step.visit.unit.leaves[i], next_step.start, next_step.count)
             if step.names:
                 if step.first:
                     hashers[i] = tensor_hasher()
@@ -287,8 +358,8 @@ class _Readers:
                     for name in step.names:
                         self.digests.inputs[i].add(name, leaf.dtype, unit.shape, digest)
 
-    def take(self, k: int) -> list[torch.Tensor]:
-        """Every input's chunk of step k (valid until `give_back(k)`)."""
+    def take(self, k: int) -> list[list[torch.Tensor]]:
+        """Every input's chunk of each step of batch k, by step (valid until `give_back(k)`)."""
         slot = k % self.slots
         for filled in self.filled:
             filled[slot].acquire()
@@ -311,11 +382,16 @@ class _Readers:
             thread.join()
 
 
+# What the main thread hands the writer for one step: the step, its result, and the reducer's
+# work still pending on it.
+_Result = tuple[_Step, torch.Tensor, Pending]
+
+
 class _Writer:
     """A thread that hashes the averaged chunks (per tensor) and hands them to the sink, in order.
 
-    Results are computed into a few reusable output buffers; a buffer is reused only once
-    the sink has taken its bytes (every sink copies them before `write` returns).
+    Results are computed into a few reusable output buffers, one per batch; a buffer is
+    reused only once the sink has taken its bytes (every sink copies them before `write` returns).
     """
 
     def __init__(self, sink: Sink, digests: TensorDigests, capacity: int, slots: int, pin: bool) -> None:
@@ -327,30 +403,30 @@ class _Writer:
         self.issued = 0
         self.error: BaseException | None = None
         self.cancelled = False
-        self.queue: queue.SimpleQueue[tuple[_Step, torch.Tensor, Pending] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[list[_Result] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="ckpt-avg-write", daemon=True)
         self.thread.start()
 
-    def buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        """The next free output buffer, as `count` elements of `dtype`."""
+    def buffer(self) -> torch.Tensor:
+        """The next free output buffer (bytes)."""
         self.check()
         self.free.acquire()
         buffer = self.buffers[self.issued % len(self.buffers)]
         self.issued += 1
-        return buffer[: count * itemsize(dtype)].view(dtype)
+        return buffer
 
-    def write(self, step: _Step, data: torch.Tensor, pending: Pending) -> None:
-        """Queue step's result, in a buffer taken from `buffer()`: hashed once ready, then written."""
-        self.queue.put((step, data, pending))
+    def write(self, results: list[_Result]) -> None:
+        """Queue a batch's results, in the buffer taken from `buffer()`: hashed once ready, then written."""
+        self.queue.put(results)
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            step, data, pending = item
+        while (results := self.queue.get()) is not None:
             try:
-                if self.error is None and not self.cancelled:
-                    pending.output_ready()
-                    self._hash(step, data)
-                    self.sink.write(step.visit.unit, step.start, data)
+                for step, data, pending in results:
+                    if self.error is None and not self.cancelled:
+                        pending.output_ready()
+                        self._hash(step, data)
+                        self.sink.write(step.visit.unit, step.start, data)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.error = exc
             finally:
@@ -430,28 +506,40 @@ class Engine:
             return
         pin = self.reducer.pin_memory
         inputs = len(steps[0].visit.unit.leaves)
-        read_sizes = [max(s.count * itemsize(s.visit.unit.leaves[i].dtype) for s in steps) for i in range(inputs)]
+        budgets = self.budgets
+        per_read = min(budgets.max_read_bytes, max(4096, budgets.read_bytes // (READ_SLOTS * inputs)))
+        read_limits = [max(per_read, max(_aligned(s.read_bytes(i)) for s in steps)) for i in range(inputs)]
+        out_limit = max(budgets.write_bytes // WRITE_SLOTS, max(_aligned(s.out_bytes) for s in steps))
+        batches = batch_steps(steps, read_limits, out_limit)
+        read_sizes = [max(b.read_at[-1][i] + b.steps[-1].read_bytes(i) for b in batches) for i in range(inputs)]
         buffers = [
             [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in read_sizes] for _ in range(READ_SLOTS)
         ]
-        capacity = max(s.count * itemsize(s.visit.unit.out_dtype) for s in steps)
+        capacity = max(b.out_at[-1] + b.steps[-1].out_bytes for b in batches)
         read_threads, arith_threads = self.budgets.threads()
         with self.reducer.running(arith_threads):
-            self._loop(steps, buffers, capacity, read_threads, pin)
+            self._loop(batches, buffers, capacity, read_threads, pin)
 
     def _loop(
-        self, steps: list[_Step], buffers: list[list[torch.Tensor]], capacity: int, read_threads: int, pin: bool
+        self, batches: list[_Batch], buffers: list[list[torch.Tensor]], capacity: int, read_threads: int, pin: bool
     ) -> None:
         readers: _Readers | None = None
         writer: _Writer | None = None
         collecting = gc.isenabled()
         gc.disable()  # the loop makes many short-lived views, and each collection walks all of torch
         try:  # an interrupt between starting the threads and the loop must still stop them
-            readers = _Readers(steps, buffers, self.digests, read_threads)
+            readers = _Readers(batches, buffers, self.digests, read_threads)
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
-            for k, step in enumerate(steps):
+            for k, batch in enumerate(batches):
                 chunks = readers.take(k)
-                self._step(step, chunks, writer).inputs_free()
+                out = writer.buffer()
+                results = [
+                    self._step(step, chunks[j], out[batch.out_at[j] : batch.out_at[j] + step.out_bytes])
+                    for j, step in enumerate(batch.steps)
+                ]
+                writer.write(results)
+                for _, _, pending in results:
+                    pending.inputs_free()
                 readers.give_back(k)
             writer.finish()
         finally:
@@ -497,18 +585,17 @@ class Engine:
             return [(0, 0)]  # an empty tensor still gets its (empty) record written
         return [(start, min(size, total - start)) for start in range(0, total, size)]
 
-    def _step(self, step: _Step, chunks: list[torch.Tensor], writer: _Writer) -> Pending:
+    def _step(self, step: _Step, chunks: list[torch.Tensor], out_bytes: torch.Tensor) -> _Result:
         unit = step.visit.unit
-        out = writer.buffer(unit.out_dtype, step.count)
+        out = out_bytes.view(unit.out_dtype)
         override = self.options.overrides.get(unit.names[0])
         pending = DONE
         if override is not None:
             out.copy_(override.detach().to("cpu", unit.out_dtype).reshape(-1)[step.start : step.start + step.count])
         else:
             pending = self.reducer.reduce(unit.kind, step.visit.label, chunks, out)
-        writer.write(step, out, pending)
         self.progress(sum(c.numel() * c.element_size() for c in chunks))
-        return pending
+        return step, out, pending
 
 
 class MemorySink:

@@ -168,3 +168,68 @@ def test_threads_follow_the_cores_this_process_may_use() -> None:
     assert _cores_in_child({**env, "LOCAL_WORLD_SIZE": str(allowed)}, None) == 1  # torchrun, a rank per core
     assert _cores_in_child({**env, "LOCAL_WORLD_SIZE": "many"}, None) == allowed
     assert average.Budgets(read_threads=3, arith_threads=2).threads() == (3, 2)
+
+
+def _many_small(directory: Path) -> list[dict[str, torch.Tensor]]:
+    """Hundreds of small tensors of every kind, between larger ones: they travel in batches."""
+    directory.mkdir()
+    generator = torch.Generator().manual_seed(11)
+    states = []
+    for epoch in range(3):
+        state: dict[str, torch.Tensor] = {"big": torch.randn(40_000, generator=generator)}
+        for i in range(300):
+            dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[i % 4]
+            state[f"layer{i}.w"] = torch.randn(i % 7 + 1, 3, generator=generator).to(dtype)
+            state[f"layer{i}.num_batches_tracked"] = torch.tensor(epoch * 10 + i)
+        state["empty"] = torch.zeros(0, 4)
+        state["transposed"] = torch.randn(5, 9, generator=generator).t()  # strided: spilled, then read back
+        torch.save(state, directory / f"epoch_{epoch}.pt")
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["cpu-blocks", "device-path"])
+def test_small_tensors_in_batches_are_exact_and_the_same_as_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocked: bool
+) -> None:
+    states = _many_small(tmp_path / "ckpts")
+    if not blocked:
+
+        def on_device(device: str, files: Sequence[str], **kwargs: Any) -> reduce.DeviceReducer:
+            kwargs.pop("block_elements")
+            return reduce.DeviceReducer(files, device=torch.device(device), **kwargs)
+
+        monkeypatch.setattr(average, "reducer_for", on_device)
+    batched = average_checkpoints([str(tmp_path / "ckpts")], str(tmp_path / "batched.safetensors"))
+    monkeypatch.setattr(average, "BATCH_STEPS", 1)  # one hand-off per tensor, as before batches
+    single = average_checkpoints([str(tmp_path / "ckpts")], str(tmp_path / "single.safetensors"))
+    assert (tmp_path / "batched.safetensors").read_bytes() == (tmp_path / "single.safetensors").read_bytes()
+    assert batched.output_digest == single.output_digest
+    assert [c.tensor_digest for c in batched.selected] == [digest_state_dict(s).root() for s in states]
+    result = load_file(tmp_path / "batched.safetensors")
+    for key, value in states[-1].items():
+        if value.is_floating_point():
+            assert torch.equal(result[key], oracle_mean([s[key] for s in states])), key
+        else:
+            assert torch.equal(result[key], value), key  # counters: the last checkpoint's
+
+
+def test_batches_keep_every_step_once_in_order_within_their_limits() -> None:
+    leaves = (torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.bfloat16))
+    sizes = [3, 1000, 1, 50_000, 7, 7, 7, 0, 20_000]
+    steps = []
+    for i, count in enumerate(sizes):
+        unit = average.Unit([f"t{i}"], leaves, "float", torch.float16, (count,))
+        steps.append(average._Step(average.Visit(f"t{i}", unit, True, True), 0, count, True, True, (f"t{i}",)))
+    limits, out_limit = [64 << 10, 32 << 10], 16 << 10
+    batches = average.batch_steps(steps, limits, out_limit)
+    assert [s for b in batches for s in b.steps] == steps
+    for batch in batches:
+        if len(batch.steps) > 1:  # a step too large for the limits travels alone
+            for i, limit in enumerate(limits):
+                assert batch.read_at[-1][i] + batch.steps[-1].read_bytes(i) <= limit
+            assert batch.out_at[-1] + batch.steps[-1].out_bytes <= out_limit
+        for j in range(1, len(batch.steps)):  # each step's bytes after the previous one's, aligned
+            assert all(at % 64 == 0 for at in batch.read_at[j]) and batch.out_at[j] % 64 == 0
+            assert batch.out_at[j] >= batch.out_at[j - 1] + batch.steps[j - 1].out_bytes
+    assert len(batches) < len(steps)

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar, cast
@@ -668,11 +669,19 @@ def open_dcp(metadata_path: str, policy: PicklePolicy) -> OpenedDcp:
     items: dict[str, list[tuple[Chunk | None, Item]]] = {}
     placeholders: set[str] = set()
     paths = _planner_paths(metadata, metadata_path)
+    stored_chunks = Counter(fqn for fqn, offsets in storage if offsets is not None)
     for name, entry in metadata.state_dict_metadata.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{metadata_path}: a state dict name is not a string")
         where = f"{directory}: {name!r}"
         if isinstance(entry, _TensorStorageMetadata):
+            if not isinstance(entry.chunks, list | tuple):
+                raise CheckpointError(f"{where}: malformed chunk metadata")
+            if len(entry.chunks) > stored_chunks[name]:  # before any work per chunk: a list can
+                # repeat one chunk millions of times in a few bytes of pickle
+                raise CheckpointError(
+                    f"{where}: lists {len(entry.chunks)} chunks, but {stored_chunks[name]} are stored"
+                )
             tensor, stored = _tensor_entry(name, entry, storage, directory, readers, safetensors, where)
             tensors[name] = tensor
             items[name] = stored

@@ -276,6 +276,24 @@ def test_hostile_metadata_never_runs(run_dir: Path, tmp_path: Path) -> None:
         assert not marker.exists()
 
 
+def test_one_chunk_listed_many_times_is_refused_before_any_work_per_chunk(run_dir: Path, tmp_path: Path) -> None:
+    """The pickle memo repeats one chunk 300,000 times in 600 KB: refused at the count, not by
+    building and comparing 300,000 chunks (a 10 MB file took 185 s and 4.1 GB that way)."""
+    import shutil
+    import time
+
+    directory = tmp_path / "bomb" / "step-1"
+    shutil.copytree(run_dir / "step-100", directory)
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    entry = metadata.state_dict_metadata["model.w"]
+    entry.chunks = [entry.chunks[0]] * 300_000
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata, protocol=2))
+    started = time.monotonic()
+    result = run_cli(directory, "-o", tmp_path / "out.safetensors", expect=1)
+    assert "'model.w': lists 300000 chunks, but 1 are stored" in result.output
+    assert time.monotonic() - started < 30 and not (tmp_path / "out.safetensors").exists()
+
+
 def test_hostile_object_item_is_a_placeholder(run_dir: Path, tmp_path: Path) -> None:
     import shutil
 

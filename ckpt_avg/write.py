@@ -59,6 +59,38 @@ _STORAGE_NAMES = {
 # ---------------------------------------------------------------- atomic files
 
 
+def process_namespace() -> str:
+    """Where a process id means this process: the host, its PID namespace and its boot.
+
+    Containers that share a host name and a volume each number their processes from 1: a pid
+    that is dead here may be a live run in the next container, so a pid decides only within
+    the same namespace."""
+    parts = [socket.gethostname()]
+    for path, read in (("/proc/self/ns/pid", os.readlink), ("/proc/sys/kernel/random/boot_id", _read_text)):
+        try:
+            parts.append(read(path).strip())
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _owner_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "namespace": process_namespace()}
+
+
+def _owner_is_dead(record: dict[str, Any] | None) -> bool:
+    """True only when the record's process is provably gone: same namespace, no such pid."""
+    if record is None or record.get("namespace") != process_namespace():
+        return False
+    pid = record.get("pid")
+    return isinstance(pid, int) and not _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,8 +108,28 @@ _STALE_NAME = re.compile(r"([0-9]+)-[0-9a-f]{8}(-old)?", re.ASCII)
 
 
 def mark_temp_directory(temp: str) -> None:
+    """The proof, which also names its owner: a later run can tell a dead owner's directory
+    from a live one's even before (or after) a distributed run's owner file exists."""
     with open(os.path.join(temp, TEMP_MARKER), "x", encoding="utf-8") as f:
-        f.write("a ckpt-avg temp directory: removed when its run ends\n")
+        f.write(json.dumps({"what": "a ckpt-avg temp directory: removed when its run ends", **_owner_record()}))
+
+
+def _is_marker(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with open(path, encoding="utf-8") as f:
+            record = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def unmark_temp_directory(temp: str) -> None:
@@ -116,7 +168,12 @@ def _remove_stale(path: str, *, old: bool) -> None:
         if not old:
             os.remove(path)
     elif stat.S_ISDIR(mode):
-        ours = replace_refusal(path) == "" if old else os.path.isfile(os.path.join(path, TEMP_MARKER))
+        if old:
+            ours = replace_refusal(path) == ""
+        else:  # its pid in the name may be another namespace's: the marker says whose it is
+            marker = os.path.join(path, TEMP_MARKER)
+            record = _read_record(marker)  # None from an older version's marker: the name's pid decides
+            ours = _is_marker(marker) and (record is None or _owner_is_dead(record))
         if ours:
             _remove_flat_directory(path)
 
@@ -149,7 +206,7 @@ def staging_path_for(final_path: str, run_id: str) -> str:
 
 def write_owner(staging: str, run_id: str, nonce: str) -> None:
     """Claim a staging directory: who owns it, and a nonce every rank must read back."""
-    record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": nonce}
+    record = {"run_id": run_id, "nonce": nonce, **_owner_record()}
     path = os.path.join(staging, OWNER_FILE)
     with open_temp(path) as file:
         file.write(json.dumps(record, sort_keys=True).encode())
@@ -158,12 +215,7 @@ def write_owner(staging: str, run_id: str, nonce: str) -> None:
 
 
 def read_owner(staging: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(staging, OWNER_FILE), encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return _read_record(os.path.join(staging, OWNER_FILE))
 
 
 def heartbeat(staging: str) -> None:
@@ -173,17 +225,18 @@ def heartbeat(staging: str) -> None:
 
 
 def staging_is_stale(staging: str, now: float | None = None) -> bool:
-    """True when no live run owns `staging`: its owner died on this host, or stopped beating."""
+    """True when no live run owns `staging`: its owner died in this host's PID namespace, or
+    stopped beating. Before its owner file is written (and after rank 0 removes it to
+    publish), the marker names the owner."""
     now = time.time() if now is None else now
     record = read_owner(staging)
+    marker = _read_record(os.path.join(staging, TEMP_MARKER))
     try:
         beaten = os.stat(os.path.join(staging, OWNER_FILE) if record else staging).st_mtime
     except OSError:
         return False  # gone already, or unreadable: leave it
-    if record is not None and record.get("host") == socket.gethostname():
-        pid = record.get("pid")
-        if isinstance(pid, int) and not _pid_alive(pid):
-            return True
+    if _owner_is_dead(record if record is not None else marker):
+        return True
     return now - beaten > STALE_AFTER_SECONDS
 
 
@@ -198,9 +251,13 @@ def remove_stale_staging(final_path: str) -> list[str]:
     removed = []
     for name in names:
         path = os.path.join(directory, name)
-        if name.startswith(prefix) and os.path.isdir(path) and staging_is_stale(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not name.startswith(prefix) or not stat.S_ISDIR(os.lstat(path).st_mode):
+            continue
+        if _is_marker(os.path.join(path, TEMP_MARKER)) and staging_is_stale(path):  # provably ours, and dead
+            with contextlib.suppress(OSError):
+                _remove_flat_directory(path)  # never recursively: a subdirectory or a link keeps it all
+            if not os.path.lexists(path):
+                removed.append(path)
     return removed
 
 

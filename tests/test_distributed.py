@@ -23,7 +23,14 @@ from ckpt_avg.api import Options
 from ckpt_avg.distributed import Ranks, assign_files, prepare
 from ckpt_avg.errors import UsageError
 from ckpt_avg.safetensors_file import layout
-from ckpt_avg.write import OWNER_FILE, STALE_AFTER_SECONDS, remove_stale_staging, staging_path_for
+from ckpt_avg.write import (
+    OWNER_FILE,
+    STALE_AFTER_SECONDS,
+    TEMP_MARKER,
+    process_namespace,
+    remove_stale_staging,
+    staging_path_for,
+)
 
 Entries = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -150,9 +157,17 @@ def test_bn_recompute_under_several_ranks_is_a_usage_error(llama70b: list[str], 
         prepare(llama70b, str(tmp_path / "avg") + "/", options, _ranks(2))
 
 
-def _staging(tmp_path: Path, run_id: str, owner: dict[str, object] | None, age: float = 0.0) -> Path:
+def _staging(
+    tmp_path: Path, run_id: str, owner: dict[str, object] | None, age: float = 0.0, marker: object = "owner"
+) -> Path:
+    """A staging directory as rank 0 leaves it: the marker (naming its creator, here `owner`),
+    a partial shard, and the owner file unless `owner` is None (before it is written, or once
+    rank 0 removed it to publish)."""
     path = Path(staging_path_for(str(tmp_path / "avg") + "/", run_id))
     path.mkdir()
+    if marker is not None:
+        record = (owner or {}) if marker == "owner" else marker
+        (path / TEMP_MARKER).write_text(json.dumps(record))
     (path / "model-00001-of-00002.safetensors").write_bytes(b"partial")
     if owner is not None:
         (path / OWNER_FILE).write_text(json.dumps(owner))
@@ -164,19 +179,32 @@ def _staging(tmp_path: Path, run_id: str, owner: dict[str, object] | None, age: 
 
 def test_stale_staging_is_removed_only_when_no_live_run_owns_it(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    here = socket.gethostname()
-    dead_here = _staging(tmp_path, "a1", {"host": here, "pid": int(dead.stdout)})
-    alive_here = _staging(tmp_path, "b2", {"host": here, "pid": os.getpid()})
-    elsewhere_fresh = _staging(tmp_path, "c3", {"host": "node-that-is-not-this-one", "pid": 1})
-    elsewhere_silent = _staging(tmp_path, "d4", {"host": "another-node", "pid": 1}, age=STALE_AFTER_SECONDS + 60)
-    being_created = _staging(tmp_path, "e5", None)
-    abandoned = _staging(tmp_path, "f6", None, age=STALE_AFTER_SECONDS + 60)
+    here, space = socket.gethostname(), process_namespace()
+    dead_pid = int(dead.stdout)
+    dead_here = _staging(tmp_path, "a1", {"host": here, "pid": dead_pid, "namespace": space})
+    alive_here = _staging(tmp_path, "b2", {"host": here, "pid": os.getpid(), "namespace": space})
+    # the same host name and pid, in another container's PID namespace: maybe alive there
+    other_container = _staging(tmp_path, "b3", {"host": here, "pid": dead_pid, "namespace": "another-container"})
+    elsewhere_fresh = _staging(tmp_path, "c3", {"host": "node-that-is-not-this-one", "pid": 1, "namespace": "x"})
+    silent = {"host": "another-node", "pid": 1, "namespace": "y"}
+    elsewhere_silent = _staging(tmp_path, "d4", silent, age=STALE_AFTER_SECONDS + 60)
+    live_creator = {"host": here, "pid": os.getpid(), "namespace": space}
+    being_created = _staging(tmp_path, "e5", None, marker=live_creator)  # before its owner file
+    dead_creator = {"host": here, "pid": dead_pid, "namespace": space}
+    killed_while_publishing = _staging(tmp_path, "e6", None, marker=dead_creator)  # owner file already removed
+    abandoned = _staging(tmp_path, "f6", None, age=STALE_AFTER_SECONDS + 60, marker={"what": "an older marker"})
+    unmarked = _staging(tmp_path, "f7", {"host": here, "pid": dead_pid, "namespace": space}, marker=None)
+    nested = _staging(tmp_path, "f8", {"host": here, "pid": dead_pid, "namespace": space})
+    (nested / "sub").mkdir()
+    (nested / "sub" / "user_data.txt").write_text("not ours")
     other_output = Path(staging_path_for(str(tmp_path / "other") + "/", "a1"))
     other_output.mkdir()
     removed = remove_stale_staging(str(tmp_path / "avg") + "/")
-    assert sorted(removed) == sorted(str(p) for p in (dead_here, elsewhere_silent, abandoned))
-    for kept in (alive_here, elsewhere_fresh, being_created, other_output):
+    assert sorted(removed) == sorted(str(p) for p in (dead_here, elsewhere_silent, killed_while_publishing, abandoned))
+    for kept in (alive_here, other_container, elsewhere_fresh, being_created, unmarked, other_output):
         assert kept.is_dir()
+    assert (nested / "sub" / "user_data.txt").read_text() == "not ours"  # never removed recursively
+    assert (nested / OWNER_FILE).is_file() and (nested / TEMP_MARKER).is_file()  # nor in part
 
 
 def test_staging_is_hidden_beside_the_output(tmp_path: Path) -> None:

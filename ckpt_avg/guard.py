@@ -138,6 +138,12 @@ def check_output(output: str, inputs: Iterable[tuple[str, tuple[str, ...]]], *, 
                 raise OutputError(f"{output}: OUTPUT is one of the inputs ({display}); choose another name")
             if real.startswith(target.rstrip(os.sep) + os.sep):
                 raise OutputError(f"{output}: OUTPUT is a directory holding the input {display}; choose another name")
+        checkpoint = os.path.realpath(display)
+        if os.path.isdir(checkpoint) and target.startswith(checkpoint.rstrip(os.sep) + os.sep):
+            raise OutputError(
+                f"{output}: OUTPUT is inside the input checkpoint {display}, and inputs are never modified;"
+                " choose a place outside it"
+            )
     name = output.rstrip("/") or output
     if not os.path.lexists(name):
         return

@@ -276,6 +276,15 @@ def test_hostile_metadata_never_runs(run_dir: Path, tmp_path: Path) -> None:
         assert not marker.exists()
 
 
+def test_output_inside_an_input_checkpoint_directory_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    before = sorted(p.name for p in (run_dir / "step-300").iterdir())
+    for output in (f"{run_dir / 'step-300' / 'avg'}/", str(run_dir / "step-300" / "avg.safetensors")):
+        result = run_cli(run_dir, "-o", output, expect=1)
+        assert "OUTPUT is inside the input checkpoint" in result.output and "never modified" in result.output
+    assert sorted(p.name for p in (run_dir / "step-300").iterdir()) == before
+    run_cli(run_dir, "-o", f"{tmp_path / 'beside'}/")  # a directory of checkpoints is not one: beside them is fine
+
+
 def test_one_chunk_listed_many_times_is_refused_before_any_work_per_chunk(run_dir: Path, tmp_path: Path) -> None:
     """The pickle memo repeats one chunk 300,000 times in 600 KB: refused at the count, not by
     building and comparing 300,000 chunks (a 10 MB file took 185 s and 4.1 GB that way)."""

@@ -462,7 +462,10 @@ def write_share(
     mine = assign_files([f.nbytes for f in prepared.plan.files], world)[rank]
     names = {n for i in mine for n in prepared.plan.files[i].tensors}
     runner = _runner(prepared.layout, options, progress, on_total, names)
-    digests, sha256 = prepared.plan.write(staging, mine, runner, hashed=options.hash_files)
+    try:
+        digests, sha256 = prepared.plan.write(staging, mine, runner, hashed=options.hash_files)
+    except OSError as exc:  # a full disk names no file: say which output, as one process does
+        raise OutputError(f"{prepared.plan.output}: write failed: {exc.strerror or exc}") from None
     return digest_parts(digests), sha256
 
 
@@ -474,7 +477,10 @@ def publish(prepared: Prepared, options: Options, staging: str, voted: Sequence[
     os.remove(os.path.join(staging, OWNER_FILE))  # not part of the output
     hashed = options.hash_files
     warn = prepared.layout.warnings.append
-    return prepared.plan.finalize(staging, digests, sha256, force=options.force, hashed=hashed, warn=warn)
+    try:
+        return prepared.plan.finalize(staging, digests, sha256, force=options.force, hashed=hashed, warn=warn)
+    except OSError as exc:
+        raise OutputError(f"{prepared.plan.output}: write failed: {exc.strerror or exc}") from None
 
 
 def _sees_staging(ranks: Ranks, staging: str, nonce: str) -> BaseException | None:

@@ -129,6 +129,18 @@ def _rank_prefix() -> str:
     return f"rank {terminal_safe(os.environ['RANK'])}: " if several and "RANK" in os.environ else ""
 
 
+def _interrupted(what: str) -> str:
+    """What an interrupt did to the output, truthfully: it may land after the output was published."""
+    from .write import PUBLISHED
+
+    prefix = _rank_prefix()
+    if PUBLISHED:
+        return f"{prefix}{what} after {terminal_safe(PUBLISHED[-1])} was published (it is complete)"
+    if prefix and prefix != "rank 0: ":
+        return f"{prefix}{what}; rank 0 publishes the output, and says whether it did"
+    return f"{prefix}{what}; no output was written"
+
+
 @contextmanager
 def cli_errors(*, debug: bool) -> Iterator[None]:
     """The one place where library errors become a message and an exit status."""
@@ -146,11 +158,11 @@ def cli_errors(*, debug: bool) -> Iterator[None]:
             click.echo(terminal_safe(error.plan_table, newlines=True), err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        click.echo(f"Error: {_rank_prefix()}interrupted; no output was written", err=True)
+        click.echo(f"Error: {_interrupted('interrupted')}", err=True)
         sys.exit(130)
     except Interrupted:
         because = " (torchrun stops every rank when one fails or is stopped: see its report)" if _rank_prefix() else ""
-        click.echo(f"Error: {_rank_prefix()}interrupted by SIGTERM{because}; no output was written", err=True)
+        click.echo(f"Error: {_interrupted(f'interrupted by SIGTERM{because}')}", err=True)
         sys.exit(143)
     except click.exceptions.ClickException:
         raise

@@ -299,33 +299,43 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+# The outputs this process has published: an interrupt that lands after the rename must not
+# say that nothing was written.
+PUBLISHED: list[str] = []
+
+
 def commit(temp: str, final: str, *, force: bool) -> None:
     """Move a finished temp file or directory to OUTPUT."""
     final = final.rstrip("/") or final
     directory = os.path.dirname(final) or "."
     with signals_deferred():
-        if os.path.isdir(temp):
-            if os.path.lexists(final):
-                if not force:
-                    raise OutputError(f"{final}: already exists (use --force to overwrite)")
-                refusal = replace_refusal(final)  # again: the user may have added a file since the start
-                if refusal:
-                    raise OutputError(f"{final}: {refusal}")
-                old = temp_path_for(final) + "-old"
-                os.rename(final, old)
-                try:
-                    os.rename(temp, final)
-                except OSError:
-                    os.rename(old, final)  # put the previous output back: nothing is lost
-                    raise
-                _remove_replaced(old)
-            else:
-                os.rename(temp, final)
-        else:
-            if not force and os.path.lexists(final):
-                raise OutputError(f"{final}: already exists (use --force to overwrite)")
-            os.replace(temp, final)
+        _rename_into_place(temp, final, force=force)
+        PUBLISHED.append(final)
     _fsync_directory(directory)
+
+
+def _rename_into_place(temp: str, final: str, *, force: bool) -> None:
+    if not os.path.isdir(temp):
+        if not force and os.path.lexists(final):
+            raise OutputError(f"{final}: already exists (use --force to overwrite)")
+        os.replace(temp, final)
+        return
+    if not os.path.lexists(final):
+        os.rename(temp, final)
+        return
+    if not force:
+        raise OutputError(f"{final}: already exists (use --force to overwrite)")
+    refusal = replace_refusal(final)  # again: the user may have added a file since the start
+    if refusal:
+        raise OutputError(f"{final}: {refusal}")
+    old = temp_path_for(final) + "-old"
+    os.rename(final, old)
+    try:
+        os.rename(temp, final)
+    except OSError:
+        os.rename(old, final)  # put the previous output back: nothing is lost
+        raise
+    _remove_replaced(old)
 
 
 def _remove_replaced(old: str) -> None:

@@ -485,3 +485,22 @@ def test_temp_of_a_live_run_is_left_alone(small: Inputs, tmp_path: Path) -> None
 def _report() -> Iterator[None]:
     yield
     print(f"\nfault injections: {len(INJECTED)}")
+
+
+def test_an_interrupt_says_truthfully_whether_the_output_was_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can land after the rename (while the summary prints, or while torchrun's ranks say
+    goodbye): then the output is complete, and the message must not say otherwise."""
+    from ckpt_avg import cli_options, write
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(write, "PUBLISHED", [])
+    assert cli_options._interrupted("interrupted") == "interrupted; no output was written"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_options._interrupted("interrupted") == (
+        "rank 1: interrupted; rank 0 publishes the output, and says whether it did"
+    )
+    monkeypatch.setenv("RANK", "0")
+    assert cli_options._interrupted("interrupted") == "rank 0: interrupted; no output was written"
+    monkeypatch.setattr(write, "PUBLISHED", ["out"])
+    assert cli_options._interrupted("interrupted") == "rank 0: interrupted after out was published (it is complete)"

@@ -56,6 +56,9 @@ class Skipped:
     display: str
     reason: str
     size: int = 0
+    # A checkpoint's name on something that cannot be read (a broken link, a FIFO): said in
+    # every run, not only in the plan, since the user may have meant it to be averaged.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ class _Found:
     def add_file(self, path: str, *, explicit: bool) -> None:
         name = os.path.basename(path)
         if not os.path.exists(path):
-            self.skipped.append(Skipped(path, "broken or looping symbolic link"))
+            self.skipped.append(Skipped(path, "broken or looping symbolic link", unreadable=True))
             return
         if checkpoint_suffix(name) is None:
             if name.lower().endswith(".nemo"):
@@ -235,7 +238,7 @@ class _Found:
             reason = f"{what} (a FIFO, device or socket)"
             if explicit:
                 raise DiscoveryError(f"{display}: cannot be a checkpoint: {reason}")
-            self.skipped.append(Skipped(display, reason))
+            self.skipped.append(Skipped(display, reason, unreadable=True))
             return
         info = parse_name(name, is_directory=is_directory)
         stat = os.stat(display)

@@ -200,7 +200,7 @@ class _Run:
         self.policy = PicklePolicy(trust=options.trust_pickle, extra_allowed=frozenset(options.allow_global))
         self._opened: dict[str, OpenedCheckpoint] = {}
         self.discovery = _without_earlier_outputs(discover(inputs, recursive=options.recursive, name_glob=options.glob))
-        self.warnings: list[str] = []
+        self.warnings: list[str] = [f"{s.display}: skipped: {s.reason}" for s in self.discovery.skipped if s.unreadable]
         self.placeholders: set[str] = set()
         self.candidates = self._candidates()
         self.plan = make_plan(self.candidates, options.select)

@@ -28,7 +28,7 @@ from .naming import PYTORCH_SUFFIXES
 from .options import Options
 from .report import CandidateRecord, FileRecord, Report
 from .select import Candidate, SelectOptions, describe_order, make_plan, refuse_unindexed_order, validate_options
-from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, open_checkpoint
+from .sources import ContentMeta, OpenedCheckpoint, cheap_to_open, content_meta, file_state, open_checkpoint
 from .statedict import StateDictChoice, dotted, find_state_dicts, holds_lightning_swa_average
 from .torchfile import UnsupportedTensor
 from .unpickle import PicklePolicy, check_allow_global
@@ -218,7 +218,9 @@ class _Run:
 
     def _open(self, ref: CheckpointRef) -> OpenedCheckpoint:
         if ref.display not in self._opened:
+            states = tuple((path, file_state(path)) for path in ref.files)
             self._opened[ref.display] = open_checkpoint(ref, self.policy)
+            self._opened[ref.display].states = states
         return self._opened[ref.display]
 
     def _candidates(self) -> list[Candidate]:
@@ -523,4 +525,6 @@ def run_engine(
     settings = engine_options(options, len(layout.opened), overrides)
     engine = Engine([o.ref.display for o in layout.opened], settings, sink, digests, progress)
     engine.run(visits)
+    for opened in layout.opened:  # before anything is published
+        opened.check_unchanged()
     return digests

@@ -32,6 +32,26 @@ class OpenedCheckpoint:
     placeholders: set[str] = field(default_factory=set)
     safetensors_metadata: dict[str, str] = field(default_factory=dict)
     dcp: Any = None  # a DCP directory's `dcp.DcpCheckpoint`: where each name is stored
+    # Each file's identity, size and modification time before it was opened: an input rewritten
+    # during the run would make an output of mixed tensors, so the run checks them at the end.
+    states: tuple[tuple[str, tuple[int, int, int, int]], ...] = ()
+
+    def check_unchanged(self) -> None:
+        """Raise if a file of this checkpoint changed since it was opened."""
+        for path, before in self.states:
+            if file_state(path) != before:
+                raise CheckpointError(
+                    f"{path}: changed while it was being read (rewritten, truncated or replaced); nothing was"
+                    " written: run again once the input is complete"
+                )
+
+
+def file_state(path: str) -> tuple[int, int, int, int]:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return (0, 0, -1, 0)
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
 
 
 @dataclass(frozen=True)

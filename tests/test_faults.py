@@ -504,3 +504,34 @@ def test_an_interrupt_says_truthfully_whether_the_output_was_published(monkeypat
     assert cli_options._interrupted("interrupted") == "rank 0: interrupted; no output was written"
     monkeypatch.setattr(write, "PUBLISHED", ["out"])
     assert cli_options._interrupted("interrupted") == "rank 0: interrupted after out was published (it is complete)"
+
+
+@pytest.mark.parametrize("change", ["rewrite", "truncate-and-restore"])
+def test_an_input_rewritten_during_the_run_publishes_nothing(tmp_path: Path, change: str) -> None:
+    """A checkpoint saved again while it is read would give an output mixing old and new tensors."""
+    from safetensors.torch import save_file
+
+    from ckpt_avg import average_checkpoints
+    from ckpt_avg.errors import CheckpointError
+
+    paths = []
+    for epoch in range(3):
+        path = tmp_path / f"epoch_{epoch}.safetensors"
+        save_file({f"layer{i}.w": torch.full((64, 64), float(epoch + i)) for i in range(8)}, path)
+        paths.append(str(path))
+    victim = Path(paths[1])
+    original = victim.read_bytes()
+    calls = []
+
+    def rewrite_once(_: int) -> None:
+        if not calls:
+            if change == "rewrite":
+                save_file({f"layer{i}.w": torch.full((64, 64), -1.0) for i in range(8)}, victim)
+            else:  # the same bytes back, but written again: its time says so
+                victim.write_bytes(b"")
+                victim.write_bytes(original)
+        calls.append(1)
+
+    with pytest.raises(CheckpointError, match=r"epoch_1\.safetensors: changed while it was being read"):
+        average_checkpoints(paths, str(tmp_path / "avg.safetensors"), progress=rewrite_once)
+    assert not (tmp_path / "avg.safetensors").exists() and leftovers(tmp_path) == []

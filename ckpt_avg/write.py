@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -59,6 +60,7 @@ _STORAGE_NAMES = {
 # ---------------------------------------------------------------- atomic files
 
 
+@functools.cache
 def process_namespace() -> str:
     """Where a process id means this process: the host, its PID namespace and its boot.
 
@@ -104,7 +106,9 @@ def _pid_alive(pid: int) -> bool:
 # The first thing ckpt-avg writes into a temp directory, removed just before the directory
 # becomes OUTPUT: the proof that a directory with a temp-like name is ours to delete.
 TEMP_MARKER = ".ckpt-avg-temp"
-_STALE_NAME = re.compile(r"([0-9]+)-[0-9a-f]{8}(-old)?", re.ASCII)
+# NAME-PID-TAGRANDOM: TAG is the first 8 hex digits of `process_namespace()` (an older
+# version wrote RANDOM alone, 8 digits: there the pid decides by itself).
+_STALE_NAME = re.compile(r"([0-9]+)-([0-9a-f]{8})?[0-9a-f]{8}(-old)?", re.ASCII)
 
 
 def mark_temp_directory(temp: str) -> None:
@@ -154,9 +158,11 @@ def remove_stale_temps(final_path: str) -> None:
         return
     for name in names:
         match = _STALE_NAME.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
-        if match is not None and not _pid_alive(int(match.group(1))):
+        if match is None or match.group(2) not in (None, process_namespace()[:8]):
+            continue  # not ours, or a pid of another PID namespace (a container on the same volume)
+        if not _pid_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
-                _remove_stale(os.path.join(directory, name), old=match.group(2) is not None)
+                _remove_stale(os.path.join(directory, name), old=match.group(3) is not None)
 
 
 def _remove_stale(path: str, *, old: bool) -> None:
@@ -264,7 +270,8 @@ def remove_stale_staging(final_path: str) -> list[str]:
 def temp_path_for(final_path: str) -> str:
     directory = os.path.dirname(final_path.rstrip("/")) or "."
     name = os.path.basename(final_path.rstrip("/"))
-    return os.path.join(directory, f"{TEMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
+    tag = process_namespace()[:8]
+    return os.path.join(directory, f"{TEMP_PREFIX}{name}-{os.getpid()}-{tag}{secrets.token_hex(4)}")
 
 
 def fsync_path(path: str) -> None:

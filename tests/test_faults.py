@@ -467,6 +467,24 @@ def test_stale_temp_directory_from_a_dead_run_is_removed(small: Inputs, tmp_path
     small.assert_unchanged()
 
 
+def test_a_dead_pid_decides_only_in_the_same_pid_namespace(small: Inputs, tmp_path: Path) -> None:
+    """Containers sharing a host name and a volume each number their processes from 1: a temp
+    named by a pid of another namespace may belong to a live run there."""
+    from ckpt_avg.write import process_namespace
+
+    ours = tmp_path / f".ckpt-avg-tmp-avg.pt-99999999-{process_namespace()[:8]}0123abcd"
+    theirs = tmp_path / ".ckpt-avg-tmp-avg.pt-99999999-ffffffff0123abcd"  # another namespace's tag
+    marked_theirs = tmp_path / ".ckpt-avg-tmp-avg.pt-99999998-deadbeef"
+    marked_theirs.mkdir()
+    (marked_theirs / TEMP_MARKER).write_text('{"host": "h", "pid": 99999998, "namespace": "another-container"}')
+    for path in (ours, theirs):
+        path.write_bytes(b"half")
+    run_cli(small.directory, "-o", tmp_path / "avg.pt")
+    assert not ours.exists()
+    assert theirs.read_bytes() == b"half" and (marked_theirs / TEMP_MARKER).is_file()
+    small.assert_output(tmp_path / "avg.pt")
+
+
 def test_temp_of_a_live_run_is_left_alone(small: Inputs, tmp_path: Path) -> None:
     with subprocess.Popen(["sleep", "30"]) as sleeper:
         try:

@@ -34,6 +34,10 @@ WRITE_SLOTS = 3  # averaged batches waiting to be hashed and written
 # the GIL passed back and forth) cost more than the work on a tensor of a few KB.
 BATCH_STEPS = 256
 _ALIGN = 64  # each step's bytes within a batch's buffer start on a boundary any dtype can view
+# With the collector off in the loop, the reference cycles that parsing a DCP item leaves (a few
+# KB each) would pile up with the number of checkpoints; a young collection every few batches
+# frees them without walking the old objects (torch's).
+_COLLECT_EVERY = 1
 
 
 def usable_cores() -> int:
@@ -531,6 +535,8 @@ class Engine:
             readers = _Readers(batches, buffers, self.digests, read_threads)
             writer = _Writer(self.sink, self.digests.output, capacity, WRITE_SLOTS, pin)
             for k, batch in enumerate(batches):
+                if collecting and k % _COLLECT_EVERY == _COLLECT_EVERY - 1:
+                    gc.collect(1)  # the young generations only: cycles made reading items (DCP's zips)
                 chunks = readers.take(k)
                 out = writer.buffer()
                 results = [

@@ -224,6 +224,10 @@ class _ClassResolver(GlobalResolver):
         self._built = {name: Constructor(cls, name, self) for name, cls in classes.items()}
         self.classes_loaded.update(classes.values())
 
+    def dispose(self) -> None:
+        super().dispose()
+        self._built.clear()
+
     def _resolve(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
         if full in self._built:  # the C unpickler (--trust-pickle) calls the class itself
@@ -411,7 +415,10 @@ def load_tensor_item(item: Item, expected: int, where: str) -> LazyTensor:
             raise CheckpointError(f"{where}: storage record holds {size} bytes, needs {nbytes}")
         return StorageRef(reader, start, nbytes, storage_type.dtype, f"{where}\0{key}")
 
-    tensor = loads_checked(io.BytesIO(archive.pickle), resolver, where, persistent_load=persistent_load)
+    try:
+        tensor = loads_checked(io.BytesIO(archive.pickle), resolver, where, persistent_load=persistent_load)
+    finally:
+        resolver.dispose()
     if not isinstance(tensor, LazyTensor):
         raise CheckpointError(f"{where}: a tensor item holds a {type(tensor).__name__}")
     tensor.validate(where)
@@ -434,7 +441,10 @@ def load_object_item(item: Item, policy: PicklePolicy, where: str) -> tuple[Any,
     def persistent_load(pid: Any) -> Any:
         raise CheckpointError(f"{where}: a non-tensor item refers to tensor storage")
 
-    value = loads_checked(io.BytesIO(archive.pickle), resolver, where, persistent_load=persistent_load)
+    try:
+        value = loads_checked(io.BytesIO(archive.pickle), resolver, where, persistent_load=persistent_load)
+    finally:
+        resolver.dispose()
     return value, set(resolver.placeholders)
 
 

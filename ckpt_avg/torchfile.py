@@ -10,6 +10,7 @@ each storage becomes a `StorageRef` at its bytes' offset in the file.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import math
 import struct
@@ -183,8 +184,10 @@ def lazy_overrides() -> dict[str, Any]:
     return overrides
 
 
-def torch_dtypes() -> list[torch.dtype]:
-    return [v for v in vars(torch).values() if isinstance(v, torch.dtype)]
+@functools.cache
+def torch_dtypes() -> tuple[torch.dtype, ...]:
+    """Every dtype torch names (a walk of its namespace: once, not for every pickle read)."""
+    return tuple(v for v in vars(torch).values() if isinstance(v, torch.dtype))
 
 
 # torch.save stores records uncompressed; a compressed one may expand this much, at most.

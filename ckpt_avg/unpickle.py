@@ -249,6 +249,14 @@ class GlobalResolver:
             self._snapshots[id(real)] = (real, _mutable_state(real))
         return found
 
+    def dispose(self) -> None:
+        """Break the resolver's own reference cycles (its constructors and its getattr point
+        back at it) once its pickle is loaded: the engine reads DCP items with the collector
+        off, and a resolver per item would otherwise stay in memory until the run ends. The
+        resolver resolves nothing afterwards; what it counted (placeholders) stays readable."""
+        self._constructors.clear()
+        self.__dict__.pop("_getattr", None)
+
     def check_unchanged(self) -> None:
         """A second line of defence: undo, and refuse, any change to a class or function we gave out.
 

@@ -356,8 +356,17 @@ class _ItemZip:
     records: dict[str, tuple[int, int]]  # record name under data/ -> (absolute offset, size)
 
 
+# An item this small is read whole, in one call: zipfile's many small reads through `_Window`
+# cost more than the bytes (a checkpoint of thousands of small tensors, or of many ranks' chunks).
+_READ_WHOLE_ITEM = 64 << 10
+
+
 def _open_item_zip(reader: FileReader, base: int, length: int, where: str) -> _ItemZip:
-    window = _Window(reader, base, length)
+    window: io.RawIOBase | io.BytesIO
+    if length <= _READ_WHOLE_ITEM:
+        window = io.BytesIO(reader.read(base, length).numpy().tobytes())
+    else:
+        window = _Window(reader, base, length)
     try:
         with zipfile.ZipFile(window) as archive:
             infos = archive.infolist()
@@ -386,7 +395,7 @@ def _open_item_zip(reader: FileReader, base: int, length: int, where: str) -> _I
     return _ItemZip(reader, base, data, records)
 
 
-def _data_offset(window: _Window, info: zipfile.ZipInfo, where: str) -> int:
+def _data_offset(window: io.RawIOBase | io.BytesIO, info: zipfile.ZipInfo, where: str) -> int:
     window.seek(info.header_offset)
     header = window.read(LOCAL_HEADER.size)
     fields = LOCAL_HEADER.unpack(header) if len(header) == LOCAL_HEADER.size else None

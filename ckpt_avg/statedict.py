@@ -15,7 +15,7 @@ from typing import Any
 from .errors import CheckpointError, UsageError
 from .lazy import is_tensor_leaf
 from .torchfile import UnsupportedTensor
-from .unpickle import Placeholder
+from .unpickle import Placeholder, shown
 
 PRIMARY_NAMES = (
     "state_dict",
@@ -201,9 +201,23 @@ def _chosen(tree: Any, path: Path, where: str) -> StateDictChoice:
         ) from None
     if not is_state_dict(node):
         raise UsageError(
-            f"--key {'.'.join(path)}: not a dict of tensors in {where}; state dicts there: {_state_dict_names(tree)}"
+            f"--key {'.'.join(path)}: not a dict of tensors in {where}{_first_non_tensor(node)}; state dicts"
+            f" there: {_state_dict_names(tree)}"
         )
     return StateDictChoice(path, ())
+
+
+def _first_non_tensor(node: Any) -> str:
+    """Which entry keeps a dict from being a state dict (only `_extra_state` entries may be other
+    values): named, so the user knows what to remove; never printed itself."""
+    if not isinstance(node, Mapping):
+        return ""
+    for key, value in node.items():
+        if not isinstance(key, str):
+            return " (a key is not a string)"
+        if not is_extra_entry(key) and not (is_tensor_leaf(value) or isinstance(value, UnsupportedTensor)):
+            return f" ({shown(key, 80)!r} is a {shown(type(value).__name__, 60)})"
+    return ""
 
 
 def _state_dict_names(tree: Any) -> str:

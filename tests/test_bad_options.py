@@ -218,3 +218,12 @@ def test_huge_weights_are_normalised_not_zeroed(ckpts: Path, tmp_path: Path) -> 
         a = torch.load(huge, weights_only=True)["state_dict"][key]
         b = torch.load(small, weights_only=True)["state_dict"][key]
         assert torch.allclose(a, b, rtol=1e-6, atol=0) and b.abs().sum() > 0
+
+
+def test_key_on_a_dict_with_a_non_tensor_entry_names_that_entry(tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for epoch in range(2):
+        torch.save({"state_dict": {"w": torch.randn(2), "meta": "notes"}, "epoch": epoch}, ckpts / f"epoch_{epoch}.pt")
+    line = assert_refused(ckpts, ckpts, "-o", tmp_path / "avg.pt", "--key", "state_dict", code=2, says=("--key",))
+    assert "not a dict of tensors" in line and "('meta' is a str)" in line, line

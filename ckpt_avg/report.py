@@ -150,7 +150,10 @@ def _text(value: int | None) -> str:
 def summary_line(report: Report) -> str:
     chosen = report.selected
     indices = [c.index for c in chosen if c.index is not None]
-    span = f"{report.by} {min(indices)}-{max(indices)}" if indices and report.by != "order" else "as given"
+    if indices and report.by != "order":
+        span = f"{report.by} {min(indices)}-{max(indices)}"
+    else:  # no index: the same words as the plan's (given order, or natural order of the names)
+        span = report.order.removesuffix(" (no epoch or step)") or "as given"
     return (
         f"Averaged {len(chosen)} checkpoint(s) ({span}) into {terminal_safe(report.output)}: "
         f"{report.parameters:,} parameters in {report.tensors} tensors, {report.seconds:.1f}s"

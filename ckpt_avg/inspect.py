@@ -44,7 +44,7 @@ from ._version import __version__
 from .average import Unit
 from .dtypes import short_name
 from .errors import CkptAvgError
-from .guard import OutputKind
+from .guard import OUTPUT_SUFFIXES, OutputKind
 from .lazy import (
     LazyTensor,
     SpilledTensor,
@@ -558,10 +558,18 @@ def _suggestion(
             start=start,
             last=count if start is None else None,
             int_policy_last=int_policy_last,
-            # Trainer checkpoint directories average into one that from_pretrained loads.
-            output="avg/" if all(os.path.isdir(row.path) for row in inspected) else "avg.pt",
+            output=_suggested_output([row.path for row in inspected]),
         ),
     )  # fmt: skip
+
+
+def _suggested_output(paths: Sequence[str]) -> str:
+    """An OUTPUT like the inputs: a directory for directories (Trainer, DCP), else their suffix
+    (a Lightning run's `.ckpt` stays loadable with `load_from_checkpoint`)."""
+    if all(os.path.isdir(path) for path in paths):
+        return "avg/"
+    suffixes = {".pth.tar" if p.endswith(".pth.tar") else os.path.splitext(p)[1] for p in paths}
+    return f"avg{suffixes.pop()}" if len(suffixes) == 1 and suffixes <= set(OUTPUT_SUFFIXES) else "avg.pt"
 
 
 def suggested_command(

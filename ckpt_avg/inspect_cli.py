@@ -82,7 +82,8 @@ def inspect_command(**params: Any) -> None:
     (L2, streamed tensor by tensor, summed in float64; nothing is written).
 
     \b
-    Suggested --start, printed as a ready `ckpt-avg --start N INPUT... -o avg.pt`:
+    Suggested --start, printed as a ready `ckpt-avg --start N INPUT... -o avg.ckpt`
+    (OUTPUT like the inputs: their suffix, or avg/ for checkpoint directories):
     - by the learning rate where it has a schedule: the first checkpoint from which
       it keeps its final value (the end of SWALR's annealing, a step schedule's last
       drop), else the start of its last cycle;

@@ -158,10 +158,10 @@ def test_swa_run_as_a_user_sees_it(runs: dict[str, LightningRun], monkeypatch: p
     assert lines[1 + start].startswith("*") and not lines[start].startswith("*")
     assert "  0.01  " in lines[1 + start] and "  0.05  " in lines[1]
     assert f"Suggested start: epoch {start} (*) - lr reached 0.01 at epoch {start} and stayed" in out
-    assert f"\n  ckpt-avg --start {start} cos/ -o avg.pt\n" in out
+    assert f"\n  ckpt-avg --start {start} cos/ -o avg.ckpt\n" in out  # like the inputs: load_from_checkpoint reads it
     # The regressor descends almost deterministically: the drift sees no settled phase, and says so.
     assert "Note: the drift alone would suggest no start: the weights drift steadily to the end" in out
-    command = shlex.split(f"ckpt-avg --start {start} cos/ -o avg.pt")
+    command = shlex.split(f"ckpt-avg --start {start} cos/ -o avg.ckpt")
     report = json.loads(run_cli(*command[1:], "--json").stdout)
     assert [c["epoch"] for c in report["inputs"]] == list(range(start, EPOCHS))
 

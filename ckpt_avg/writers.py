@@ -207,7 +207,35 @@ class DirectoryPlan:
     def write(
         self, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool
     ) -> tuple[Digests, dict[str, str]]:
-        return write_files(self, staging, indices, run, hashed=hashed)
+        """Stream the tensors of the files at `indices` into `staging`, each file fsynced and closed.
+
+        Returns the digests, and where `hashed` the sha256 of each file by name (a lone shard's
+        is taken by `finalize`, which rewrites its header with the digests).
+        """
+        indices = list(indices)
+        files: list[OutputFile] = []
+        writers: dict[str, SafetensorsWriter] = {}
+        sha256: dict[str, str] = {}
+        try:
+            for index in indices:
+                shard = self.files[index]
+                file = open_temp(os.path.join(staging, shard.name), hashed=hashed and not self.single)
+                files.append(file)
+                writer = SafetensorsWriter(file, self._entries_of(index), self.metadata(None))
+                writers.update(dict.fromkeys(shard.tensors, writer))
+            in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
+            digests = run(SafetensorsSink(writers), True, in_file_order)
+            for file in files:
+                name = os.path.basename(file.path)
+                digest = finish_file(file)
+                if digest is not None:
+                    sha256[name] = digest
+        except BaseException:
+            for file in files:
+                with contextlib.suppress(OSError):
+                    file.close()
+            raise
+        return digests, sha256
 
     def finalize(
         self,
@@ -219,7 +247,43 @@ class DirectoryPlan:
         hashed: bool,
         warn: Callable[[str], None],
     ) -> Written:
-        return finalize_directory(self, staging, digests, sha256, force=force, hashed=hashed, warn=warn)
+        """Index or header with the provenance, side files, fsync, and publish by rename.
+
+        `sha256` has the shards' sha256 by name where `hashed` (from whichever rank wrote them).
+        """
+        sha256 = dict(sha256)
+        if self.single:
+            path = os.path.join(staging, self.files[0].name)
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.pwrite(fd, self.header(0, digests), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if hashed:  # its leading bytes changed after the data: sha256 cannot resume, read it once
+                sha256[self.files[0].name] = _sha256_of(path)
+        else:
+            shards = [list(f.tensors) for f in self.files]
+            names = [f.name for f in self.files]
+            provenance = with_digests(self.provenance, digests, sorted(self.entries))
+            index_sha256 = _write_index(staging, self.entries, shards, names, provenance, hashed)
+            if index_sha256 is not None:
+                sha256["model.safetensors.index.json"] = index_sha256
+        copied: dict[str, str] = {}  # name -> sha256 of the bytes as copied
+        for source in self.side_files:
+            problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging, copied)
+            if problem:
+                warn(f"{source}: not copied into the output: {problem}")
+        unmark_temp_directory(staging)
+        fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
+        commit(staging, self.output, force=force)
+        written = [os.path.join(self.output, f.name) for f in self.files]
+        if not self.single:
+            written.append(os.path.join(self.output, "model.safetensors.index.json"))
+        written += [os.path.join(self.output, name) for name in copied]
+        if hashed:
+            sha256.update(copied)
+        return Written(written, digests, sha256={os.path.join(self.output, n): d for n, d in sha256.items()})
 
 
 def plan_directory(output: str, layout: Layout, provenance: dict[str, Any], options: Options) -> DirectoryPlan:
@@ -245,89 +309,6 @@ def plan_directory(output: str, layout: Layout, provenance: dict[str, Any], opti
 
 def _data_bytes(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], names: Iterable[str]) -> int:
     return sum(math.prod(entries[n][1]) * itemsize(entries[n][0]) for n in names)
-
-
-def write_files(
-    plan: DirectoryPlan, staging: str, indices: Iterable[int], run: Runner, *, hashed: bool = False
-) -> tuple[Digests, dict[str, str]]:
-    """Stream the tensors of the files at `indices` into `staging`, each file fsynced and closed.
-
-    Returns the digests, and where `hashed` the sha256 of each file by name (a lone shard's
-    is taken by `finalize_directory`, which rewrites its header with the digests).
-    """
-    indices = list(indices)
-    files: list[OutputFile] = []
-    writers: dict[str, SafetensorsWriter] = {}
-    sha256: dict[str, str] = {}
-    try:
-        for index in indices:
-            shard = plan.files[index]
-            file = open_temp(os.path.join(staging, shard.name), hashed=hashed and not plan.single)
-            files.append(file)
-            writer = SafetensorsWriter(file, plan._entries_of(index), plan.metadata(None))
-            writers.update(dict.fromkeys(shard.tensors, writer))
-        in_file_order = [name for writer in dict.fromkeys(writers.values()) for name in writer.placement]
-        digests = run(SafetensorsSink(writers), True, in_file_order)
-        for file in files:
-            name = os.path.basename(file.path)
-            digest = finish_file(file)
-            if digest is not None:
-                sha256[name] = digest
-    except BaseException:
-        for file in files:
-            with contextlib.suppress(OSError):
-                file.close()
-        raise
-    return digests, sha256
-
-
-def finalize_directory(
-    plan: DirectoryPlan,
-    staging: str,
-    digests: Digests,
-    sha256: dict[str, str],
-    *,
-    force: bool,
-    hashed: bool,
-    warn: Callable[[str], None],
-) -> Written:
-    """Index or header with the provenance, side files, fsync, and publish by rename.
-
-    `sha256` has the shards' sha256 by name where `hashed` (from whichever rank wrote them).
-    """
-    sha256 = dict(sha256)
-    if plan.single:
-        path = os.path.join(staging, plan.files[0].name)
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            os.pwrite(fd, plan.header(0, digests), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if hashed:  # its leading bytes changed after the data: sha256 cannot resume, read it once
-            sha256[plan.files[0].name] = _sha256_of(path)
-    else:
-        shards = [list(f.tensors) for f in plan.files]
-        names = [f.name for f in plan.files]
-        provenance = with_digests(plan.provenance, digests, sorted(plan.entries))
-        index_sha256 = _write_index(staging, plan.entries, shards, names, provenance, hashed)
-        if index_sha256 is not None:
-            sha256["model.safetensors.index.json"] = index_sha256
-    copied: dict[str, str] = {}  # name -> sha256 of the bytes as copied
-    for source in plan.side_files:
-        problem = copy_side_file(os.path.dirname(source), os.path.basename(source), staging, copied)
-        if problem:
-            warn(f"{source}: not copied into the output: {problem}")
-    unmark_temp_directory(staging)
-    fsync_path(staging)  # other ranks' files are named in it: their entries must be durable too
-    commit(staging, plan.output, force=force)
-    written = [os.path.join(plan.output, f.name) for f in plan.files]
-    if not plan.single:
-        written.append(os.path.join(plan.output, "model.safetensors.index.json"))
-    written += [os.path.join(plan.output, name) for name in copied]
-    if hashed:
-        sha256.update(copied)
-    return Written(written, digests, sha256={os.path.join(plan.output, n): d for n, d in sha256.items()})
 
 
 def _sha256_of(path: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from .errors import CheckpointError, OutputError, UsageError
 from .jsonfile import read_json
 from .naming import PYTORCH_SUFFIXES
-from .safetensors_file import read_header
+from .safetensors_file import read_metadata
 
 # Megatron's torch_dist files beside a DCP checkpoint: copied into a DCP output.
 DCP_SIDE_FILES = ("common.pt", "metadata.json")
@@ -217,7 +217,7 @@ def is_ckpt_avg_output(path: str) -> bool:
         if os.path.isdir(path):
             return _is_our_directory(path)
         if path.lower().endswith(".safetensors"):
-            return "ckpt_avg" in read_header(path).metadata
+            return "ckpt_avg" in read_metadata(path)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 return any(name.endswith("/" + PROVENANCE_RECORD) for name in archive.namelist())
@@ -245,4 +245,4 @@ def _is_our_directory(path: str) -> bool:
         metadata = read_json(index).get("metadata")
         return isinstance(metadata, dict) and "ckpt_avg" in metadata
     single = os.path.join(path, "model.safetensors")
-    return os.path.isfile(single) and "ckpt_avg" in read_header(single).metadata
+    return os.path.isfile(single) and "ckpt_avg" in read_metadata(single)

@@ -53,6 +53,29 @@ class SafetensorsFile:
 
 def read_header(path: str) -> SafetensorsFile:
     """Parse and check a safetensors header; tensors come back lazy."""
+    reader, header, metadata, length = _parse(path)
+    data_start = 8 + length
+    data_size = reader.size - data_start
+    tensors: dict[str, LazyTensor] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        tensor = _entry_tensor(path, reader, name, entry, data_start, data_size)
+        tensors[name] = tensor
+        spans.append((tensor.storage.offset, tensor.storage.offset + tensor.storage.nbytes, name))
+    _check_no_overlap(path, spans)
+    return SafetensorsFile(path, tensors, metadata)
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """Only a safetensors file's `__metadata__` (its tensors' entries are not checked): enough to
+    tell an earlier output of ours, without building a lazy tensor per entry of a large header."""
+    reader, _, metadata, _ = _parse(path)
+    reader.close()
+    return metadata
+
+
+def _parse(path: str) -> tuple[FileReader, dict[str, Any], dict[str, str], int]:
+    """The header's JSON (tensor entries, unchecked), its checked `__metadata__`, and its length."""
     reader = FileReader(path)
     if reader.size < 8:
         raise CheckpointError(f"{path}: not a safetensors file (only {reader.size} bytes)")
@@ -71,16 +94,7 @@ def read_header(path: str) -> SafetensorsFile:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map to strings")
-    data_start = 8 + length
-    data_size = reader.size - data_start
-    tensors: dict[str, LazyTensor] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        tensor = _entry_tensor(path, reader, name, entry, data_start, data_size)
-        tensors[name] = tensor
-        spans.append((tensor.storage.offset, tensor.storage.offset + tensor.storage.nbytes, name))
-    _check_no_overlap(path, spans)
-    return SafetensorsFile(path, tensors, dict(metadata))
+    return reader, header, dict(metadata), length
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

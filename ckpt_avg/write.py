@@ -257,7 +257,10 @@ def remove_stale_staging(final_path: str) -> list[str]:
     removed = []
     for name in names:
         path = os.path.join(directory, name)
-        if not name.startswith(prefix) or not stat.S_ISDIR(os.lstat(path).st_mode):
+        try:
+            if not name.startswith(prefix) or not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+        except OSError:  # gone since the listing: another run removed it
             continue
         if _is_marker(os.path.join(path, TEMP_MARKER)) and staging_is_stale(path):  # provably ours, and dead
             with contextlib.suppress(OSError):

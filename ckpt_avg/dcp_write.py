@@ -45,14 +45,14 @@ from .write import (
     pickle_tree,
     unmark_temp_directory,
 )
-from .written import ShardFile
+from .written import ShardFile, Written
 
 if TYPE_CHECKING:
     from .average import Digests, Unit
     from .dcp import DcpCheckpoint
     from .layout import Layout
     from .options import Options
-    from .written import Runner, Written
+    from .written import Runner
 
 PROVENANCE_FILE = PROVENANCE_RECORD
 _ARCHIVE = "archive"
@@ -382,8 +382,6 @@ class DcpPlan:
         warn: Callable[[str], None],
     ) -> Written:
         """The provenance, the side files and `.metadata` (last), fsync, and publish by rename."""
-        from .written import Written
-
         sha256 = dict(sha256)
         text = provenance_text(self.provenance, digests, self.layout.primary_names)
         _write_small(os.path.join(staging, PROVENANCE_FILE), (text + "\n").encode(), sha256 if hashed else None)

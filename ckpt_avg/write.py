@@ -236,12 +236,11 @@ def staging_is_stale(staging: str, now: float | None = None) -> bool:
     publish), the marker names the owner."""
     now = time.time() if now is None else now
     record = read_owner(staging)
-    marker = _read_record(os.path.join(staging, TEMP_MARKER))
     try:
         beaten = os.stat(os.path.join(staging, OWNER_FILE) if record else staging).st_mtime
     except OSError:
         return False  # gone already, or unreadable: leave it
-    if _owner_is_dead(record if record is not None else marker):
+    if _owner_is_dead(record if record is not None else _read_record(os.path.join(staging, TEMP_MARKER))):
         return True
     return now - beaten > STALE_AFTER_SECONDS
 
